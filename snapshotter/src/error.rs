@@ -1,0 +1,76 @@
+//! The snapshot stores' errors, and their one mapping to gRPC codes.
+
+/// What a snapshot operation can fail with. The variants follow containerd's
+/// `errdefs`, so that the gRPC codes containerd's client maps back are right.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The snapshot (or parent) does not exist.
+    #[error("{0}: not found")]
+    NotFound(String),
+    /// A snapshot with that key already exists.
+    #[error("{0}: already exists")]
+    AlreadyExists(String),
+    /// The snapshot is in the wrong state for this operation.
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// The request itself is malformed.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The database failed.
+    #[error("metadata database: {0}")]
+    Db(#[from] rocksdb::Error),
+    /// A stored record could not be decoded.
+    #[error("corrupt metadata record for {key:?}: {msg}")]
+    Corrupt {
+        /// The key of the record.
+        key: String,
+        /// What is wrong with it.
+        msg: String,
+    },
+    /// A filesystem operation failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done, with the path.
+        what: String,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// A background task died.
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+/// The snapshot stores' result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// An I/O error with what was being done.
+    pub fn io(what: impl Into<String>, source: std::io::Error) -> Self {
+        Error::Io {
+            what: what.into(),
+            source,
+        }
+    }
+}
+
+impl From<Error> for tonic::Status {
+    fn from(e: Error) -> Self {
+        let msg = e.to_string();
+        match e {
+            Error::NotFound(_) => tonic::Status::not_found(msg),
+            Error::AlreadyExists(_) => tonic::Status::already_exists(msg),
+            Error::FailedPrecondition(_) => tonic::Status::failed_precondition(msg),
+            Error::InvalidArgument(_) => tonic::Status::invalid_argument(msg),
+            Error::Db(_) | Error::Corrupt { .. } | Error::Io { .. } | Error::Internal(_) => {
+                tracing::error!(error = %msg, "snapshot operation failed");
+                tonic::Status::internal(msg)
+            }
+        }
+    }
+}
+
+impl From<tokio::task::JoinError> for Error {
+    fn from(e: tokio::task::JoinError) -> Self {
+        Error::Internal(format!("blocking task failed: {e}"))
+    }
+}

@@ -1,0 +1,543 @@
+//! The overlayfs snapshotter: containerd's `overlayfs` semantics and mount
+//! layout, over the RocksDB [`MetaStore`].
+//!
+//! On disk, under its root: `<id>/fs` (the upper dir, or the layer's files once
+//! committed) and `<id>/work` (overlay's workdir, for active snapshots).
+//!
+//! Order of effects, so that a crash anywhere is harmless:
+//! - Prepare/View: create `new-<id>/`, rename it to `<id>/`, then write the
+//!   metadata batch. A crash before the batch leaves a directory with no
+//!   record, which start-up and Cleanup remove.
+//! - Remove: write the metadata batch, then delete `<id>/` in the background.
+//!   A crash before the deletion leaves the same kind of orphan.
+//!
+//! Metadata never points at a missing directory.
+
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use tokio::sync::mpsc;
+
+use crate::du::disk_usage;
+use crate::error::{Error, Result};
+use crate::meta::MetaStore;
+use crate::schema::Record;
+use crate::types::{Info, Kind, Labels, Mount, Usage};
+use crate::Snapshotter;
+
+/// The label containerd's overlayfs sets (with `upperdir_label`) to tell
+/// where a snapshot's upper dir is.
+pub const UPPERDIR_LABEL: &str = "containerd.io/snapshot/overlay.upperdir";
+
+/// How many infos one List message carries at most.
+const WALK_BATCH: usize = 128;
+
+/// Settings of one overlayfs snapshotter.
+#[derive(Debug, Clone, Default)]
+pub struct OverlayConfig {
+    /// Where its snapshot directories live.
+    pub root: PathBuf,
+    /// Add [`UPPERDIR_LABEL`] to Stat, Update and List answers.
+    pub upperdir_label: bool,
+    /// `index=off` on overlay mounts; `None`: when the kernel has the option.
+    pub index_off: Option<bool>,
+    /// `userxattr` on overlay mounts; `None`: detect as containerd does
+    /// (needed in a user namespace on kernels ≥ 5.11).
+    pub userxattr: Option<bool>,
+    /// Mount writable overlays with `volatile` (no syncs to the upper dir).
+    /// Commit then syncs the layer's filesystem itself, so committed layers
+    /// stay durable; an uncommitted container layer may be lost in a crash.
+    pub volatile: bool,
+    /// More options added to every overlay mount.
+    pub extra_options: Vec<String>,
+}
+
+struct Inner {
+    meta: MetaStore,
+    root: PathBuf,
+    upperdir_label: bool,
+    /// Options every overlay mount starts with.
+    base_options: Vec<String>,
+    volatile: bool,
+}
+
+/// containerd's overlayfs snapshotter, on strata's metadata store.
+#[derive(Clone)]
+pub struct OverlaySnapshotter {
+    inner: Arc<Inner>,
+}
+
+fn mkdir(path: &Path, mode: u32) -> Result<()> {
+    std::fs::DirBuilder::new()
+        .mode(mode)
+        .create(path)
+        .map_err(|e| Error::io(format!("create {}", path.display()), e))
+}
+
+/// Whether this process runs in a user namespace (uid_map is not identity).
+fn in_user_namespace() -> bool {
+    match std::fs::read_to_string("/proc/self/uid_map") {
+        Ok(m) => {
+            let f: Vec<&str> = m.split_whitespace().collect();
+            f != ["0", "0", "4294967295"]
+        }
+        Err(_) => false,
+    }
+}
+
+fn kernel_at_least(major: u32, minor: u32) -> bool {
+    let Ok(u) = nix::sys::utsname::uname() else {
+        return false;
+    };
+    let release = u.release().to_string_lossy().into_owned();
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    let maj: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    let min: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    (maj, min) >= (major, minor)
+}
+
+fn on_tmpfs(path: &Path) -> bool {
+    nix::sys::statfs::statfs(path)
+        .map(|s| s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC)
+        .unwrap_or(false)
+}
+
+impl OverlaySnapshotter {
+    /// Opens the snapshotter: creates its root, and starts removing any
+    /// directory that no record owns (left by a crash) in the background.
+    pub fn new(meta: MetaStore, cfg: OverlayConfig) -> Result<Self> {
+        std::fs::create_dir_all(&cfg.root)
+            .map_err(|e| Error::io(format!("create {}", cfg.root.display()), e))?;
+        let mut base_options = Vec::new();
+        let index_off = cfg
+            .index_off
+            .unwrap_or_else(|| Path::new("/sys/module/overlay/parameters/index").exists());
+        if index_off {
+            base_options.push("index=off".to_string());
+        }
+        let userxattr = cfg.userxattr.unwrap_or_else(|| {
+            in_user_namespace() && !on_tmpfs(&cfg.root) && kernel_at_least(5, 11)
+        });
+        if userxattr {
+            base_options.push("userxattr".to_string());
+        }
+        base_options.extend(cfg.extra_options.iter().cloned());
+        tracing::info!(root = %cfg.root.display(), ?base_options, volatile = cfg.volatile, "overlay snapshotter ready");
+        let s = OverlaySnapshotter {
+            inner: Arc::new(Inner {
+                meta,
+                root: cfg.root,
+                upperdir_label: cfg.upperdir_label,
+                base_options,
+                volatile: cfg.volatile,
+            }),
+        };
+        let inner = s.inner.clone();
+        std::thread::Builder::new()
+            .name("strata-cleanup".into())
+            .spawn(move || {
+                if let Err(e) = inner.cleanup() {
+                    tracing::warn!(error = %e, "start-up cleanup failed");
+                }
+            })
+            .map_err(|e| Error::io("spawn cleanup thread", e))?;
+        Ok(s)
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Inner) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || f(&inner)).await?
+    }
+}
+
+impl Inner {
+    fn dir(&self, id: u64) -> PathBuf {
+        self.root.join(id.to_string())
+    }
+
+    fn upper(&self, id: u64) -> PathBuf {
+        self.dir(id).join("fs")
+    }
+
+    fn work(&self, id: u64) -> PathBuf {
+        self.dir(id).join("work")
+    }
+
+    fn info(&self, name: String, rec: &Record) -> Info {
+        let mut info = rec.info(name);
+        if self.upperdir_label {
+            info.labels.insert(
+                UPPERDIR_LABEL.to_string(),
+                self.upper(rec.id).to_string_lossy().into_owned(),
+            );
+        }
+        info
+    }
+
+    fn mounts(&self, rec: &Record) -> Vec<Mount> {
+        let bind = |id: u64, rw: &str| {
+            vec![Mount {
+                kind: "bind".into(),
+                source: self.upper(id).to_string_lossy().into_owned(),
+                options: vec![rw.to_string(), "rbind".into()],
+            }]
+        };
+        let kind = rec.kind();
+        match rec.parent_ids.as_slice() {
+            [] => return bind(rec.id, if kind == Kind::View { "ro" } else { "rw" }),
+            [only] if kind == Kind::View => return bind(*only, "ro"),
+            _ => {}
+        }
+        let mut options = self.base_options.clone();
+        if kind == Kind::Active {
+            if self.volatile {
+                options.push("volatile".into());
+            }
+            options.push(format!("workdir={}", self.work(rec.id).display()));
+            options.push(format!("upperdir={}", self.upper(rec.id).display()));
+        }
+        let lower: Vec<String> = rec
+            .parent_ids
+            .iter()
+            .map(|id| self.upper(*id).to_string_lossy().into_owned())
+            .collect();
+        options.push(format!("lowerdir={}", lower.join(":")));
+        vec![Mount {
+            kind: "overlay".into(),
+            source: "overlay".into(),
+            options,
+        }]
+    }
+
+    fn create(&self, kind: Kind, key: &str, parent: &str, labels: Labels) -> Result<Vec<Mount>> {
+        let pending = self.meta.begin_create(kind, key, parent, labels)?;
+        let rec = pending.record().clone();
+        let tmp = self.root.join(format!("new-{}", rec.id));
+        let made = (|| {
+            mkdir(&tmp, 0o700)?;
+            mkdir(&tmp.join("fs"), 0o755)?;
+            if kind == Kind::Active {
+                mkdir(&tmp.join("work"), 0o711)?;
+            }
+            if let Some(&pid) = rec.parent_ids.first() {
+                // The new upper dir belongs to whoever owns the parent's root.
+                let st = std::fs::metadata(self.upper(pid))
+                    .map_err(|e| Error::io(format!("stat parent {parent:?}"), e))?;
+                std::os::unix::fs::lchown(tmp.join("fs"), Some(st.uid()), Some(st.gid()))
+                    .map_err(|e| Error::io("chown upper dir", e))?;
+            }
+            std::fs::rename(&tmp, self.dir(rec.id))
+                .map_err(|e| Error::io(format!("rename {}", tmp.display()), e))
+        })();
+        if let Err(e) = made {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
+        match self.meta.finish_create(pending) {
+            Ok(rec) => Ok(self.mounts(&rec)),
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(self.dir(rec.id));
+                Err(e)
+            }
+        }
+    }
+
+    fn commit(&self, name: &str, key: &str, labels: Labels) -> Result<()> {
+        self.meta.commit(name, key, labels, |active| {
+            let upper = self.upper(active.id);
+            if self.volatile {
+                // The layer was written through a volatile overlay: make it
+                // durable before it becomes a committed, shared layer.
+                let f = std::fs::File::open(&upper)
+                    .map_err(|e| Error::io(format!("open {}", upper.display()), e))?;
+                nix::unistd::syncfs(&f)
+                    .map_err(|e| Error::io(format!("syncfs {}", upper.display()), e.into()))?;
+            }
+            disk_usage(&upper)
+        })?;
+        Ok(())
+    }
+
+    fn remove(&self, key: &str) -> Result<()> {
+        let rec = self.meta.remove(key)?;
+        let dir = self.dir(rec.id);
+        // The record is gone; the directory is now an orphan that start-up or
+        // Cleanup would also remove. Don't make the caller wait for it.
+        let spawned = std::thread::Builder::new()
+            .name("strata-rm".into())
+            .spawn(move || {
+                if let Err(e) = std::fs::remove_dir_all(&dir) {
+                    if e.kind() != std::io::ErrorKind::NotFound {
+                        tracing::warn!(dir = %dir.display(), error = %e, "removing snapshot directory failed; Cleanup will retry");
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "could not start background removal; Cleanup will remove it");
+        }
+        Ok(())
+    }
+
+    /// Removes every entry of the root that no record (or creation under
+    /// way) owns.
+    fn cleanup(&self) -> Result<usize> {
+        let entries = std::fs::read_dir(&self.root)
+            .map_err(|e| Error::io(format!("read {}", self.root.display()), e))?
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect::<Vec<_>>();
+        let live = self.meta.live_ids()?;
+        let mut removed = 0;
+        for name in entries {
+            let id = name
+                .strip_prefix("new-")
+                .unwrap_or(&name)
+                .parse::<u64>()
+                .ok();
+            if id.is_some_and(|id| live.contains(&id)) {
+                continue;
+            }
+            let path = self.root.join(&name);
+            let r = if path.is_dir() {
+                std::fs::remove_dir_all(&path)
+            } else {
+                std::fs::remove_file(&path)
+            };
+            match r {
+                Ok(()) => removed += 1,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "cleanup could not remove")
+                }
+            }
+        }
+        if removed > 0 {
+            tracing::info!(removed, root = %self.root.display(), "removed orphaned snapshot directories");
+        }
+        Ok(removed)
+    }
+}
+
+#[async_trait]
+impl Snapshotter for OverlaySnapshotter {
+    async fn stat(&self, key: &str) -> Result<Info> {
+        let key = key.to_string();
+        self.blocking(move |s| {
+            let rec = s.meta.get(&key)?;
+            Ok(s.info(key, &rec))
+        })
+        .await
+    }
+
+    async fn update(&self, info: Info, field_paths: Vec<String>) -> Result<Info> {
+        self.blocking(move |s| {
+            let name = info.name.clone();
+            let rec = s.meta.update(info, &field_paths)?;
+            Ok(s.info(name, &rec))
+        })
+        .await
+    }
+
+    async fn usage(&self, key: &str) -> Result<Usage> {
+        let key = key.to_string();
+        self.blocking(move |s| {
+            let rec = s.meta.get(&key)?;
+            match rec.kind() {
+                Kind::Active => disk_usage(&s.upper(rec.id)),
+                _ => Ok(rec.usage()),
+            }
+        })
+        .await
+    }
+
+    async fn mounts(&self, key: &str) -> Result<Vec<Mount>> {
+        let key = key.to_string();
+        self.blocking(move |s| {
+            let rec = s.meta.get(&key)?;
+            if rec.kind() == Kind::Committed {
+                return Err(Error::FailedPrecondition(format!(
+                    "snapshot {key:?} is committed: only active and view snapshots have mounts"
+                )));
+            }
+            Ok(s.mounts(&rec))
+        })
+        .await
+    }
+
+    async fn prepare(&self, key: &str, parent: &str, labels: Labels) -> Result<Vec<Mount>> {
+        let (key, parent) = (key.to_string(), parent.to_string());
+        self.blocking(move |s| s.create(Kind::Active, &key, &parent, labels))
+            .await
+    }
+
+    async fn view(&self, key: &str, parent: &str, labels: Labels) -> Result<Vec<Mount>> {
+        let (key, parent) = (key.to_string(), parent.to_string());
+        self.blocking(move |s| s.create(Kind::View, &key, &parent, labels))
+            .await
+    }
+
+    async fn commit(&self, name: &str, key: &str, labels: Labels) -> Result<()> {
+        let (name, key) = (name.to_string(), key.to_string());
+        self.blocking(move |s| s.commit(&name, &key, labels)).await
+    }
+
+    async fn remove(&self, key: &str) -> Result<()> {
+        let key = key.to_string();
+        self.blocking(move |s| s.remove(&key)).await
+    }
+
+    async fn walk(
+        &self,
+        filter: strata_proto::filters::Filter,
+        batches: mpsc::Sender<Vec<Info>>,
+    ) -> Result<()> {
+        self.blocking(move |s| {
+            let mut batch = Vec::with_capacity(WALK_BATCH);
+            let mut open = true;
+            let mut emit = |info: Info, batch: &mut Vec<Info>| {
+                batch.push(info);
+                if batch.len() == WALK_BATCH {
+                    open = batches.blocking_send(std::mem::take(batch)).is_ok();
+                }
+                open
+            };
+            if let Some(parent) = filter.single_equal("parent") {
+                // `parent==X` (containerd's GC and `ctr snapshots ls`): the
+                // children index, not a scan.
+                let mut names = s.meta.children(parent)?;
+                names.sort();
+                for name in names {
+                    if let Ok(rec) = s.meta.get(&name) {
+                        if !emit(s.info(name, &rec), &mut batch) {
+                            break;
+                        }
+                    }
+                }
+            } else {
+                s.meta.walk(|name, rec| {
+                    let info = rec.info(name);
+                    if !filter.matches(&info) {
+                        return true;
+                    }
+                    let info = if s.upperdir_label {
+                        s.info(info.name, &rec)
+                    } else {
+                        info
+                    };
+                    emit(info, &mut batch)
+                })?;
+            }
+            if !batch.is_empty() {
+                let _ = batches.blocking_send(batch);
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn cleanup(&self) -> Result<()> {
+        self.blocking(|s| s.cleanup().map(|_| ())).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snapshotter(dir: &Path) -> Result<OverlaySnapshotter> {
+        let db = crate::meta::tests::open_db(&dir.join("db"));
+        let meta = MetaStore::open(db, "strata")?;
+        OverlaySnapshotter::new(
+            meta,
+            OverlayConfig {
+                root: dir.join("snaps"),
+                index_off: Some(true),
+                userxattr: Some(false),
+                upperdir_label: true,
+                ..Default::default()
+            },
+        )
+    }
+
+    #[tokio::test]
+    async fn mounts_follow_containerd_overlayfs() -> Result<()> {
+        let d = tempfile::tempdir().map_err(|e| Error::io("tempdir", e))?;
+        let s = snapshotter(d.path())?;
+        let root = d.path().join("snaps");
+        let m = s.prepare("a", "", Labels::new()).await?;
+        assert_eq!(m[0].kind, "bind");
+        assert_eq!(m[0].options, vec!["rw", "rbind"]);
+        s.commit("l1", "a", Labels::new()).await?;
+        let v = s.view("v1", "l1", Labels::new()).await?;
+        assert_eq!(v[0].kind, "bind");
+        assert_eq!(v[0].options, vec!["ro", "rbind"]);
+        assert_eq!(v[0].source, root.join("1/fs").display().to_string());
+        s.prepare("b", "l1", Labels::new()).await?;
+        s.commit("l2", "b", Labels::new()).await?;
+        let m = s.prepare("c", "l2", Labels::new()).await?;
+        let c_id = 4; // ids: a (then l1) 1, v1 2, b (then l2) 3, c 4
+        let want = vec![
+            "index=off".to_string(),
+            format!("workdir={}", root.join(format!("{c_id}/work")).display()),
+            format!("upperdir={}", root.join(format!("{c_id}/fs")).display()),
+            format!(
+                "lowerdir={}:{}",
+                root.join("3/fs").display(),
+                root.join("1/fs").display()
+            ),
+        ];
+        assert_eq!(m[0].kind, "overlay");
+        assert_eq!(m[0].options, want);
+        let v = s.view("v2", "l2", Labels::new()).await?;
+        assert_eq!(
+            v[0].options,
+            vec![
+                "index=off".to_string(),
+                format!(
+                    "lowerdir={}:{}",
+                    root.join("3/fs").display(),
+                    root.join("1/fs").display()
+                )
+            ]
+        );
+        // upperdir_label is reported, not stored.
+        let info = s.stat("l2").await?;
+        assert_eq!(
+            info.labels.get(UPPERDIR_LABEL).map(String::as_str),
+            Some(root.join("3/fs").to_string_lossy().as_ref())
+        );
+        // Walk with filters, including the parent index.
+        let walk = |f: &[&str]| {
+            let s = s.clone();
+            let f = strata_proto::filters::Filter::parse_all(f).expect("filter");
+            async move {
+                let (tx, mut rx) = mpsc::channel(4);
+                let w = tokio::spawn(async move { s.walk(f, tx).await });
+                let mut names = Vec::new();
+                while let Some(b) = rx.recv().await {
+                    names.extend(b.into_iter().map(|i| i.name));
+                }
+                w.await.map_err(Error::from)??;
+                Ok::<_, Error>(names)
+            }
+        };
+        assert_eq!(walk(&["parent==l2"]).await?, vec!["c", "v2"]);
+        assert_eq!(walk(&["kind==committed"]).await?, vec!["l1", "l2"]);
+        assert_eq!(walk(&[]).await?.len(), 5);
+        // Usage: stored at commit, measured for active.
+        std::fs::write(root.join(format!("{c_id}/fs/file")), vec![7u8; 8192])
+            .map_err(|e| Error::io("write", e))?;
+        assert!(s.usage("c").await?.size >= 8192);
+        // Remove: record now, directory soon; Cleanup catches up.
+        s.remove("v2").await?;
+        s.remove("c").await?;
+        s.cleanup().await?;
+        assert!(!root.join(format!("{c_id}")).exists());
+        Ok(())
+    }
+}

@@ -1,0 +1,278 @@
+//! `strata bench snapshots`: snapshot-op latencies and throughput through
+//! containerd's proxy gRPC API, against several targets side by side in one
+//! run (strata, containerd's overlayfs in `refproxy`, any proxy plugin).
+//!
+//! Rounds alternate between targets so that they share the machine's noise.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+use strata_proto::snapshots as pb;
+use strata_proto::snapshots::snapshots_client::SnapshotsClient;
+use tonic::transport::Channel;
+
+/// A snapshotter reachable over the proxy API.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// Label in the report.
+    pub label: String,
+    /// Its socket.
+    pub socket: PathBuf,
+    /// The snapshotter name requests carry.
+    pub snapshotter: String,
+}
+
+impl std::str::FromStr for Target {
+    type Err = anyhow::Error;
+    /// `LABEL=SOCKET:SNAPSHOTTER`.
+    fn from_str(s: &str) -> Result<Self> {
+        let (label, rest) = s
+            .split_once('=')
+            .context("target is LABEL=SOCKET:SNAPSHOTTER")?;
+        let (socket, snapshotter) = rest
+            .rsplit_once(':')
+            .context("target is LABEL=SOCKET:SNAPSHOTTER")?;
+        Ok(Target {
+            label: label.into(),
+            socket: socket.into(),
+            snapshotter: snapshotter.into(),
+        })
+    }
+}
+
+/// Latency summary of one op on one target.
+#[derive(Debug, Clone, Serialize)]
+pub struct OpStats {
+    /// Target label.
+    pub target: String,
+    /// Op name (`prepare`, ...), with `xN` for N concurrent clients.
+    pub op: String,
+    /// Samples.
+    pub n: usize,
+    /// Median, microseconds.
+    pub p50_us: f64,
+    /// 99th percentile, microseconds.
+    pub p99_us: f64,
+    /// Completed ops per second (wall clock).
+    pub ops_per_s: f64,
+}
+
+fn summarize(target: &str, op: &str, mut lat: Vec<Duration>, wall: Duration) -> OpStats {
+    lat.sort_unstable();
+    let pct = |p: f64| {
+        if lat.is_empty() {
+            return 0.0;
+        }
+        let i = ((lat.len() as f64 - 1.0) * p).round() as usize;
+        lat[i].as_secs_f64() * 1e6
+    };
+    OpStats {
+        target: target.into(),
+        op: op.into(),
+        n: lat.len(),
+        p50_us: pct(0.5),
+        p99_us: pct(0.99),
+        ops_per_s: lat.len() as f64 / wall.as_secs_f64().max(1e-9),
+    }
+}
+
+struct Client {
+    c: SnapshotsClient<Channel>,
+    sn: String,
+}
+
+impl Client {
+    async fn connect(t: &Target) -> Result<Client> {
+        Ok(Client {
+            c: crate::client::snapshots(&t.socket).await?,
+            sn: t.snapshotter.clone(),
+        })
+    }
+    async fn prepare(&mut self, key: &str, parent: &str) -> Result<()> {
+        self.c
+            .prepare(pb::PrepareSnapshotRequest {
+                snapshotter: self.sn.clone(),
+                key: key.into(),
+                parent: parent.into(),
+                labels: HashMap::new(),
+            })
+            .await?;
+        Ok(())
+    }
+    async fn commit(&mut self, name: &str, key: &str) -> Result<()> {
+        self.c
+            .commit(pb::CommitSnapshotRequest {
+                snapshotter: self.sn.clone(),
+                name: name.into(),
+                key: key.into(),
+                labels: HashMap::new(),
+            })
+            .await?;
+        Ok(())
+    }
+    async fn stat(&mut self, key: &str) -> Result<()> {
+        self.c
+            .stat(pb::StatSnapshotRequest {
+                snapshotter: self.sn.clone(),
+                key: key.into(),
+            })
+            .await?;
+        Ok(())
+    }
+    async fn mounts(&mut self, key: &str) -> Result<()> {
+        self.c
+            .mounts(pb::MountsRequest {
+                snapshotter: self.sn.clone(),
+                key: key.into(),
+            })
+            .await?;
+        Ok(())
+    }
+    async fn remove(&mut self, key: &str) -> Result<()> {
+        self.c
+            .remove(pb::RemoveSnapshotRequest {
+                snapshotter: self.sn.clone(),
+                key: key.into(),
+            })
+            .await?;
+        Ok(())
+    }
+}
+
+const OPS: [&str; 5] = ["prepare", "mounts", "commit", "stat", "remove"];
+
+/// Runs one phase of a round on one client: op `op` on its `n` snapshots.
+async fn phase(
+    mut c: Client,
+    op: &'static str,
+    prefix: String,
+    base: String,
+    n: usize,
+) -> Result<(Client, Vec<Duration>)> {
+    let mut lat = Vec::with_capacity(n);
+    for i in 0..n {
+        let (a, k) = (format!("{prefix}-a{i}"), format!("{prefix}-c{i}"));
+        let s = Instant::now();
+        match op {
+            "prepare" => c.prepare(&a, &base).await,
+            "mounts" => c.mounts(&a).await,
+            "commit" => c.commit(&k, &a).await,
+            "stat" => c.stat(&k).await,
+            _ => c.remove(&k).await,
+        }
+        .with_context(|| format!("{op} {a}"))?;
+        lat.push(s.elapsed());
+    }
+    Ok((c, lat))
+}
+
+/// Runs `rounds` alternating rounds of `ops` snapshots per target, serially
+/// and with `concurrency` clients (one connection each); each phase (all
+/// Prepares, then all Mounts, ...) is timed across its clients, so ops/s is
+/// real throughput.
+pub async fn snapshots(
+    targets: &[Target],
+    ops: usize,
+    rounds: usize,
+    concurrency: usize,
+) -> Result<Vec<OpStats>> {
+    if targets.is_empty() {
+        bail!("no targets: give --target LABEL=SOCKET:SNAPSHOTTER or --start-strata/--refproxy");
+    }
+    let run_id = std::process::id();
+    let base = format!("bench-{run_id}-base");
+    // A committed base, so that Prepare has a parent as in an unpack.
+    for t in targets {
+        let mut c = Client::connect(t).await?;
+        c.prepare(&format!("{base}-a"), "").await?;
+        c.commit(&base, &format!("{base}-a")).await?;
+    }
+    let mut rows = Vec::new();
+    let mut modes = vec![1usize];
+    if concurrency > 1 {
+        modes.push(concurrency);
+    }
+    for clients in modes {
+        let mut lat: HashMap<(usize, &'static str), Vec<Duration>> = HashMap::new();
+        let mut wall: HashMap<(usize, &'static str), Duration> = HashMap::new();
+        let per_client = ops.div_ceil(clients);
+        for r in 0..rounds {
+            for (ti, t) in targets.iter().enumerate() {
+                let mut conns = Vec::new();
+                for _ in 0..clients {
+                    conns.push(Client::connect(t).await?);
+                }
+                for op in OPS {
+                    let start = Instant::now();
+                    let mut tasks = Vec::new();
+                    for (k, c) in conns.drain(..).enumerate() {
+                        let prefix = format!("bench-{run_id}-x{clients}-r{r}-k{k}");
+                        tasks.push(tokio::spawn(phase(c, op, prefix, base.clone(), per_client)));
+                    }
+                    for task in tasks {
+                        let (c, l) = task.await??;
+                        conns.push(c);
+                        lat.entry((ti, op)).or_default().extend(l);
+                    }
+                    *wall.entry((ti, op)).or_default() += start.elapsed();
+                }
+            }
+        }
+        for (ti, t) in targets.iter().enumerate() {
+            for op in OPS {
+                let name = if clients == 1 {
+                    op.to_string()
+                } else {
+                    format!("{op} x{clients}")
+                };
+                rows.push(summarize(
+                    &t.label,
+                    &name,
+                    lat.remove(&(ti, op)).unwrap_or_default(),
+                    wall.get(&(ti, op)).copied().unwrap_or_default(),
+                ));
+            }
+        }
+    }
+    for t in targets {
+        let mut c = Client::connect(t).await?;
+        let _ = c.remove(&base).await;
+    }
+    Ok(rows)
+}
+
+/// The rows as a table; `÷ first` is this target's p50 over the first
+/// target's (below 1: faster than the first).
+pub fn table(rows: &[OpStats]) -> String {
+    let mut out = format!(
+        "{:<14} {:<12} {:>7} {:>10} {:>10} {:>11} {:>12}\n",
+        "op", "target", "n", "p50 µs", "p99 µs", "ops/s", "p50 ÷ first"
+    );
+    let first: HashMap<&str, &OpStats> = rows
+        .iter()
+        .filter(|r| rows.first().is_some_and(|f| f.target == r.target))
+        .map(|r| (r.op.as_str(), r))
+        .collect();
+    let mut ops: Vec<&str> = Vec::new();
+    for r in rows {
+        if !ops.contains(&r.op.as_str()) {
+            ops.push(&r.op);
+        }
+    }
+    for op in ops {
+        for r in rows.iter().filter(|r| r.op == op) {
+            let ratio = first
+                .get(op)
+                .map(|f| r.p50_us / f.p50_us.max(1e-9))
+                .unwrap_or(1.0);
+            out.push_str(&format!(
+                "{:<14} {:<12} {:>7} {:>10.0} {:>10.0} {:>11.0} {:>11.2}x\n",
+                r.op, r.target, r.n, r.p50_us, r.p99_us, r.ops_per_s, ratio
+            ));
+        }
+    }
+    out
+}

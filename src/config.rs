@@ -1,0 +1,134 @@
+//! `strata.toml`: the daemon's configuration. Every field has a default, so
+//! an empty file (or none) gives a working daemon; flags override the file.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use serde::Deserialize;
+
+/// The whole file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where strata keeps its state: `db/` and `snapshots/<name>/`.
+    pub root: PathBuf,
+    /// The unix socket containerd connects to.
+    pub address: PathBuf,
+    /// A `tracing` filter (`info`, `strata=debug,warn`); `RUST_LOG` wins.
+    pub log_level: String,
+    /// The RocksDB settings.
+    pub db: DbConfig,
+    /// Snapshotters by the name containerd's requests carry.
+    pub snapshotters: BTreeMap<String, SnapshotterConfig>,
+}
+
+/// RocksDB settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DbConfig {
+    /// Shared LRU block cache, MiB.
+    pub block_cache_mb: usize,
+    /// Background flush and compaction threads.
+    pub max_background_jobs: i32,
+}
+
+/// One snapshotter.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, tag = "type", rename_all = "lowercase")]
+pub enum SnapshotterConfig {
+    /// containerd's overlayfs snapshotter semantics.
+    Overlay(OverlaySettings),
+}
+
+/// Settings of an overlay snapshotter (see `config/strata.toml`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OverlaySettings {
+    /// Report `containerd.io/snapshot/overlay.upperdir` in labels.
+    pub upperdir_label: bool,
+    /// `index=off`; unset: when the kernel has the option.
+    pub index_off: Option<bool>,
+    /// `userxattr`; unset: detected as containerd does.
+    pub userxattr: Option<bool>,
+    /// `volatile` on writable overlays; Commit syncs the layer itself.
+    pub volatile: bool,
+    /// Extra overlay mount options.
+    pub mount_options: Vec<String>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        let mut snapshotters = BTreeMap::new();
+        snapshotters.insert(
+            "strata".to_string(),
+            SnapshotterConfig::Overlay(OverlaySettings::default()),
+        );
+        Config {
+            root: PathBuf::from("/var/lib/strata"),
+            address: PathBuf::from("/run/strata/strata.sock"),
+            log_level: "info".into(),
+            db: DbConfig::default(),
+            snapshotters,
+        }
+    }
+}
+
+impl Default for DbConfig {
+    fn default() -> Self {
+        DbConfig {
+            block_cache_mb: 64,
+            max_background_jobs: 2,
+        }
+    }
+}
+
+impl Config {
+    /// Reads a config file; a missing field takes its default.
+    pub fn load(path: &Path) -> anyhow::Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading config {}", path.display()))?;
+        let cfg: Config =
+            toml::from_str(&text).with_context(|| format!("parsing config {}", path.display()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks what the types cannot.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.snapshotters.is_empty() {
+            anyhow::bail!(
+                "config has no [snapshotters.NAME]: containerd would have nothing to use"
+            );
+        }
+        for name in self.snapshotters.keys() {
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            {
+                anyhow::bail!(
+                    "snapshotter name {name:?}: use letters, digits, '-', '_' and '.' only"
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_config_parses_and_defaults_hold() -> anyhow::Result<()> {
+        let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/strata.toml");
+        let cfg = Config::load(&example)?;
+        assert!(cfg.snapshotters.contains_key("strata"));
+        let empty: Config = toml::from_str("")?;
+        assert_eq!(empty.root, PathBuf::from("/var/lib/strata"));
+        assert!(toml::from_str::<Config>("nope = 1").is_err());
+        assert!(toml::from_str::<Config>("[snapshotters.x]\ntype = \"zfs\"").is_err());
+        Ok(())
+    }
+}

@@ -1,0 +1,443 @@
+//! Real components for the demo, the tests and the benchmarks: Debian's
+//! `docker-registry`, `containerd` (with `runc`), `skopeo`, and `strata serve`
+//! itself, each started in a temporary directory on loopback and stopped
+//! when dropped; and [`image`], which writes OCI images from real files.
+
+pub mod image;
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+/// Finds a program on the PATH, or says which package brings it.
+pub fn which(program: &str, package: &str) -> Result<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    for dir in
+        std::env::split_paths(&path).chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
+    {
+        let p = dir.join(program);
+        if p.is_file() {
+            return Ok(p);
+        }
+    }
+    bail!("{program} not found: install it (apt-get install {package}), or run scripts/setup")
+}
+
+/// A child process that is stopped (SIGTERM, then SIGKILL after 10 s) on drop.
+pub struct Proc {
+    name: String,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Proc {
+    /// Starts `cmd` with stdout and stderr going to `log`.
+    pub fn spawn(name: &str, mut cmd: Command, log: PathBuf) -> Result<Proc> {
+        let out =
+            std::fs::File::create(&log).with_context(|| format!("create {}", log.display()))?;
+        let err = out.try_clone()?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .with_context(|| format!("starting {name}"))?;
+        Ok(Proc {
+            name: name.to_string(),
+            child: Some(child),
+            log,
+        })
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// The last lines of its log, for error messages.
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    /// Fails with the log if the process has exited.
+    pub fn check_alive(&mut self) -> Result<()> {
+        if let Some(c) = self.child.as_mut() {
+            if let Some(status) = c.try_wait()? {
+                bail!("{} exited ({status}):\n{}", self.name, self.log_tail());
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends SIGTERM and waits up to 10 s, then SIGKILL. Returns whether it
+    /// stopped by itself.
+    pub fn stop(&mut self) -> Result<bool> {
+        let Some(mut c) = self.child.take() else {
+            return Ok(true);
+        };
+        if c.try_wait()?.is_some() {
+            return Ok(true);
+        }
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(c.id()).unwrap_or(i32::MAX));
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if c.try_wait()?.is_some() {
+                return Ok(true);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+        Ok(false)
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.stop();
+    }
+}
+
+/// Waits until `ready` holds, checking that `proc` is still alive.
+pub fn wait_for(
+    proc: &mut Proc,
+    what: &str,
+    timeout: Duration,
+    mut ready: impl FnMut() -> bool,
+) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if ready() {
+            return Ok(());
+        }
+        proc.check_alive()?;
+        if Instant::now() > deadline {
+            bail!("{what}: not ready after {timeout:?}:\n{}", proc.log_tail());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Runs a command to completion; fails with its output if it fails.
+pub fn run(cmd: &mut Command) -> Result<Output> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}):\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(out)
+}
+
+/// Debian's `docker-registry` on 127.0.0.1.
+pub struct Registry {
+    proc: Proc,
+    /// `127.0.0.1:PORT`.
+    pub addr: String,
+}
+
+fn http_ok(addr: &str, path: &str) -> bool {
+    let Ok(mut s) = TcpStream::connect(addr) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    if write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 16];
+    matches!(s.read(&mut buf), Ok(n) if n >= 12 && buf.starts_with(b"HTTP/1.") && &buf[9..12] == b"200")
+}
+
+impl Registry {
+    /// Starts a registry storing under `dir`.
+    pub fn start(dir: &Path) -> Result<Registry> {
+        let bin = which("docker-registry", "docker-registry")?;
+        std::fs::create_dir_all(dir)?;
+        let port = free_port()?;
+        let addr = format!("127.0.0.1:{port}");
+        let config = dir.join("config.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n",
+                dir.join("data").display()
+            ),
+        )?;
+        let mut cmd = Command::new(bin);
+        cmd.arg("serve").arg(&config);
+        let mut proc = Proc::spawn("docker-registry", cmd, dir.join("registry.log"))?;
+        wait_for(
+            &mut proc,
+            "docker-registry",
+            Duration::from_secs(30),
+            || http_ok(&addr, "/v2/"),
+        )?;
+        Ok(Registry { proc, addr })
+    }
+
+    /// Pushes an OCI layout's `tag` to `NAME:TAG` here with skopeo.
+    pub fn push(&mut self, layout: &Path, tag: &str, reference: &str) -> Result<String> {
+        self.proc.check_alive()?;
+        let skopeo = which("skopeo", "skopeo")?;
+        let policy = layout.join("policy.json");
+        std::fs::write(
+            &policy,
+            r#"{"default":[{"type":"insecureAcceptAnything"}]}"#,
+        )?;
+        let dest = format!("{}/{reference}", self.addr);
+        run(Command::new(skopeo)
+            .arg("--policy")
+            .arg(&policy)
+            .args(["copy", "--quiet", "--dest-tls-verify=false"])
+            .arg(format!("oci:{}:{tag}", layout.display()))
+            .arg(format!("docker://{dest}")))?;
+        Ok(dest)
+    }
+}
+
+/// `strata serve` on a unix socket in a temporary root.
+pub struct Strata {
+    proc: Proc,
+    /// The socket.
+    pub socket: PathBuf,
+    /// Its root.
+    pub root: PathBuf,
+}
+
+impl Strata {
+    /// Starts `bin serve --root ROOT --address SOCKET` plus `extra` arguments.
+    pub fn start(bin: &Path, dir: &Path, extra: &[&str]) -> Result<Strata> {
+        let root = dir.join("strata-root");
+        let socket = dir.join("strata.sock");
+        let mut cmd = Command::new(bin);
+        cmd.arg("serve")
+            .arg("--root")
+            .arg(&root)
+            .arg("--address")
+            .arg(&socket)
+            .args(extra);
+        let mut proc = Proc::spawn("strata serve", cmd, dir.join("strata.log"))?;
+        let s = socket.clone();
+        wait_for(&mut proc, "strata serve", Duration::from_secs(60), || {
+            std::os::unix::net::UnixStream::connect(&s).is_ok()
+        })?;
+        Ok(Strata { proc, socket, root })
+    }
+
+    /// Stops it (SIGTERM); fails if it had to be killed.
+    pub fn stop(mut self) -> Result<()> {
+        if !self.proc.stop()? {
+            bail!(
+                "strata did not stop within 10 s of SIGTERM:\n{}",
+                self.proc.log_tail()
+            );
+        }
+        Ok(())
+    }
+
+    /// The process, for liveness checks and its log.
+    pub fn proc(&mut self) -> &mut Proc {
+        &mut self.proc
+    }
+
+    /// The process alone (stopped when dropped).
+    pub fn into_proc(self) -> Proc {
+        self.proc
+    }
+
+    /// Its process id.
+    pub fn proc_pid(&self) -> Result<i32> {
+        let pid = self.proc.pid().context("strata is not running")?;
+        Ok(i32::try_from(pid)?)
+    }
+}
+
+/// Starts containerd's overlayfs snapshotter and local content store as a
+/// proxy plugin (`refproxy` from `../shared/conformance/run --build-only`)
+/// under `dir`; returns it and its socket.
+pub fn start_refproxy(bin: &Path, dir: &Path) -> Result<(Proc, PathBuf)> {
+    std::fs::create_dir_all(dir)?;
+    let socket = dir.join("refproxy.sock");
+    let mut cmd = Command::new(bin);
+    cmd.arg("--root")
+        .arg(dir.join("root"))
+        .arg("--address")
+        .arg(&socket);
+    let mut proc = Proc::spawn("refproxy", cmd, dir.join("refproxy.log"))?;
+    let s = socket.clone();
+    wait_for(&mut proc, "refproxy", Duration::from_secs(30), || {
+        std::os::unix::net::UnixStream::connect(&s).is_ok()
+    })?;
+    Ok((proc, socket))
+}
+
+/// The median latency of a 4 KiB write + fdatasync in `dir`: the floor for
+/// any durable metadata write on this disk.
+pub fn fdatasync_p50(dir: &Path) -> Result<Duration> {
+    use std::os::unix::fs::FileExt;
+    let path = dir.join("fsync-probe");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(&path)?;
+    let block = [0x5au8; 4096];
+    let mut lat = Vec::with_capacity(200);
+    for i in 0..200u64 {
+        let start = Instant::now();
+        f.write_all_at(&block, (i % 16) * 4096)?;
+        f.sync_data()?;
+        lat.push(start.elapsed());
+    }
+    std::fs::remove_file(&path)?;
+    lat.sort_unstable();
+    Ok(lat[lat.len() / 2])
+}
+
+/// How containerd uses strata.
+#[derive(Debug, Clone)]
+pub struct ContainerdSetup {
+    /// Proxy snapshotters on strata's socket, by name.
+    pub proxy_snapshotters: Vec<String>,
+    /// strata's socket (None: containerd alone).
+    pub strata_socket: Option<PathBuf>,
+}
+
+/// Debian's containerd in a temporary directory, with its own socket.
+pub struct Containerd {
+    proc: Proc,
+    ctr: PathBuf,
+    /// containerd's gRPC socket.
+    pub socket: PathBuf,
+    /// The directory holding its root and state.
+    pub dir: PathBuf,
+}
+
+impl Containerd {
+    /// Starts containerd under `dir` as `setup` says.
+    pub fn start(dir: &Path, setup: &ContainerdSetup) -> Result<Containerd> {
+        let bin = which("containerd", "containerd")?;
+        let ctr = which("ctr", "containerd")?;
+        which("runc", "runc")?;
+        std::fs::create_dir_all(dir)?;
+        let socket = dir.join("containerd.sock");
+        let mut config = format!(
+            "version = 2\nroot = \"{root}\"\nstate = \"{state}\"\n\
+             disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
+             [grpc]\n  address = \"{sock}\"\n\
+             [ttrpc]\n  address = \"{sock}.ttrpc\"\n\
+             [debug]\n  address = \"{sock}.debug\"\n  level = \"warn\"\n\
+             [metrics]\n  address = \"\"\n\
+             [plugins.\"io.containerd.gc.v1.scheduler\"]\n  startup_delay = \"0s\"\n",
+            root = dir.join("root").display(),
+            state = dir.join("state").display(),
+            sock = socket.display(),
+        );
+        if let Some(s) = &setup.strata_socket {
+            for name in &setup.proxy_snapshotters {
+                config.push_str(&format!(
+                    "[proxy_plugins.\"{name}\"]\n  type = \"snapshot\"\n  address = \"{}\"\n",
+                    s.display()
+                ));
+            }
+        }
+        let config_path = dir.join("config.toml");
+        std::fs::write(&config_path, config)?;
+        let mut cmd = Command::new(bin);
+        cmd.arg("--config").arg(&config_path);
+        let mut proc = Proc::spawn("containerd", cmd, dir.join("containerd.log"))?;
+        let s = socket.clone();
+        wait_for(&mut proc, "containerd", Duration::from_secs(60), || {
+            std::os::unix::net::UnixStream::connect(&s).is_ok()
+        })?;
+        let mut c = Containerd {
+            proc,
+            ctr,
+            socket,
+            dir: dir.to_path_buf(),
+        };
+        // The socket is up before the plugins are: wait until ctr answers.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while c.ctr(&["version"]).is_err() {
+            c.proc.check_alive()?;
+            if Instant::now() > deadline {
+                bail!("containerd does not answer:\n{}", c.proc.log_tail());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(c)
+    }
+
+    /// Runs `ctr -a SOCKET -n strata ARGS`; fails with its output on error.
+    pub fn ctr(&mut self, args: &[&str]) -> Result<String> {
+        self.proc.check_alive()?;
+        let out = run(Command::new(&self.ctr)
+            .arg("-a")
+            .arg(&self.socket)
+            .args(["-n", "strata"])
+            .args(args))
+        .map_err(|e| anyhow::anyhow!("{e}\ncontainerd log:\n{}", self.proc.log_tail()))?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Stops containerd and the shims it started, and unmounts what is left.
+    pub fn stop(mut self) -> Result<()> {
+        self.proc.stop()?;
+        Ok(())
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        let _ = self.proc.stop();
+        // A shim outlives containerd if a task was left running: stop those
+        // that belong to this containerd (their socket path says so).
+        let needle = self.dir.to_string_lossy().into_owned();
+        if let Ok(rd) = std::fs::read_dir("/proc") {
+            for e in rd.flatten() {
+                let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+                    continue;
+                };
+                let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+                let cmdline = String::from_utf8_lossy(&cmdline);
+                if cmdline.contains("containerd-shim") && cmdline.contains(&needle) {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            }
+        }
+        // Unmount anything left under its directory (deepest first).
+        if let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") {
+            let mut targets: Vec<&str> = mounts
+                .lines()
+                .filter_map(|l| l.split_whitespace().nth(1))
+                .filter(|t| t.starts_with(&needle))
+                .collect();
+            targets.sort_by_key(|t| std::cmp::Reverse(t.len()));
+            for t in targets {
+                let _ = nix::mount::umount2(t, nix::mount::MntFlags::MNT_DETACH);
+            }
+        }
+    }
+}

@@ -1,0 +1,193 @@
+//! `strata`: a storage backend for containerd.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+use strata::config::Config;
+
+#[derive(Parser)]
+#[command(
+    name = "strata",
+    version,
+    about = "Snapshotters and a content store for containerd"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Serve the snapshotters on a unix socket, as containerd proxy plugins.
+    Serve {
+        /// State directory (default /var/lib/strata).
+        #[arg(long)]
+        root: Option<PathBuf>,
+        /// Unix socket to listen on (default /run/strata/strata.sock).
+        #[arg(long)]
+        address: Option<PathBuf>,
+        /// strata.toml; flags override it.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Log filter, as RUST_LOG (which wins over both).
+        #[arg(long)]
+        log_level: Option<String>,
+    },
+    /// Pull and run an embedded demo image through strata and a real
+    /// containerd (needs root, containerd, runc, docker-registry, skopeo).
+    Demo {
+        /// Where to keep the temporary state (removed at the end).
+        #[arg(long, default_value = "/var/tmp")]
+        workdir: PathBuf,
+    },
+    /// Benchmarks, side by side against other implementations in one run.
+    Bench {
+        #[command(subcommand)]
+        what: BenchCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Snapshot ops (Prepare, Mounts, Commit, Stat, Remove) through the proxy
+    /// gRPC API: p50, p99 and throughput, serially and concurrently.
+    Snapshots {
+        /// A target: LABEL=SOCKET:SNAPSHOTTER (repeatable).
+        #[arg(long = "target")]
+        targets: Vec<strata::bench::Target>,
+        /// Start this strata binary's daemon in a temporary root and add it.
+        #[arg(long)]
+        start_strata: bool,
+        /// Start containerd's overlayfs as a proxy plugin from this `refproxy`
+        /// binary (`../shared/conformance/run --build-only` builds it).
+        #[arg(long)]
+        refproxy: Option<PathBuf>,
+        /// Where the started daemons keep their state.
+        #[arg(long, default_value = "/var/tmp")]
+        workdir: PathBuf,
+        /// Snapshots per round and target.
+        #[arg(long, default_value_t = 200)]
+        ops: usize,
+        /// Rounds (alternating between targets).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Concurrent clients for the concurrent pass (1: serial only).
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+        /// Also write the rows as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+}
+
+fn init_tracing(level: &str) {
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Serve {
+            root,
+            address,
+            config,
+            log_level,
+        } => {
+            let mut cfg = match &config {
+                Some(p) => Config::load(p)?,
+                None => Config::default(),
+            };
+            if let Some(r) = root {
+                cfg.root = r;
+            }
+            if let Some(a) = address {
+                cfg.address = a;
+            }
+            if let Some(l) = log_level {
+                cfg.log_level = l;
+            }
+            init_tracing(&cfg.log_level);
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .thread_name("strata")
+                .build()
+                .context("starting the tokio runtime")?;
+            rt.block_on(strata::serve::run(cfg))
+        }
+        Cmd::Demo { workdir } => {
+            init_tracing("warn");
+            strata::demo::run(&workdir)
+        }
+        Cmd::Bench { what } => {
+            init_tracing("warn");
+            match what {
+                BenchCmd::Snapshots {
+                    mut targets,
+                    start_strata,
+                    refproxy,
+                    workdir,
+                    ops,
+                    rounds,
+                    concurrency,
+                    json,
+                } => {
+                    std::fs::create_dir_all(&workdir)?;
+                    let tmp = tempfile::Builder::new()
+                        .prefix("strata-bench")
+                        .tempdir_in(&workdir)?;
+                    let mut daemons = Vec::new();
+                    if start_strata {
+                        let me = std::env::current_exe()?;
+                        let d = tmp.path().join("strata");
+                        std::fs::create_dir_all(&d)?;
+                        let s = strata::harness::Strata::start(&me, &d, &[])?;
+                        targets.insert(
+                            0,
+                            strata::bench::Target {
+                                label: "strata".into(),
+                                socket: s.socket.clone(),
+                                snapshotter: "strata".into(),
+                            },
+                        );
+                        daemons.push(s.into_proc());
+                    }
+                    if let Some(bin) = refproxy {
+                        let (p, socket) =
+                            strata::harness::start_refproxy(&bin, &tmp.path().join("refproxy"))?;
+                        targets.push(strata::bench::Target {
+                            label: "refproxy".into(),
+                            socket,
+                            snapshotter: "overlayfs".into(),
+                        });
+                        daemons.push(p);
+                    }
+                    let fsync = strata::harness::fdatasync_p50(tmp.path())?;
+                    let rt = tokio::runtime::Runtime::new()?;
+                    let rows =
+                        rt.block_on(strata::bench::snapshots(&targets, ops, rounds, concurrency))?;
+                    println!(
+                        "fdatasync p50 on {}: {:.0} µs\n",
+                        workdir.display(),
+                        fsync.as_secs_f64() * 1e6
+                    );
+                    print!("{}", strata::bench::table(&rows));
+                    if let Some(p) = json {
+                        std::fs::write(&p, serde_json::to_vec_pretty(&rows)?)
+                            .with_context(|| format!("writing {}", p.display()))?;
+                    }
+                    drop(daemons);
+                    Ok(())
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,109 @@
+//! `strata serve`: one daemon, one socket, one database.
+
+use std::collections::HashMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context;
+use strata_snapshotter::meta::MetaStore;
+use strata_snapshotter::overlay::{OverlayConfig, OverlaySnapshotter};
+use strata_snapshotter::service::SnapshotService;
+use strata_snapshotter::Snapshotter;
+use tokio::net::UnixListener;
+
+use crate::config::{Config, SnapshotterConfig};
+
+/// Binds the socket: refuses one that a live daemon answers on, replaces a
+/// stale one, and sets mode 0660.
+fn bind(address: &Path) -> anyhow::Result<UnixListener> {
+    if let Some(dir) = address.parent() {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating socket directory {}", dir.display()))?;
+    }
+    if address.exists() {
+        if std::os::unix::net::UnixStream::connect(address).is_ok() {
+            anyhow::bail!(
+                "{} is in use by a running daemon: stop it or pick another --address",
+                address.display()
+            );
+        }
+        std::fs::remove_file(address)
+            .with_context(|| format!("removing stale socket {}", address.display()))?;
+    }
+    let listener = UnixListener::bind(address)
+        .with_context(|| format!("listening on {}", address.display()))?;
+    std::fs::set_permissions(address, std::fs::Permissions::from_mode(0o660))
+        .with_context(|| format!("chmod 0660 {}", address.display()))?;
+    Ok(listener)
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop strata with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: finishing in-flight requests"),
+        _ = int.recv() => tracing::info!("SIGINT: finishing in-flight requests"),
+    }
+}
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    cfg.validate()?;
+    std::fs::create_dir_all(&cfg.root)
+        .with_context(|| format!("creating root {}", cfg.root.display()))?;
+    let db_path = cfg.root.join("db");
+    let db = {
+        let (p, c) = (db_path.clone(), cfg.db.clone());
+        tokio::task::spawn_blocking(move || crate::db::open(&p, &c)).await??
+    };
+
+    let mut snapshotters: HashMap<String, Arc<dyn Snapshotter>> = HashMap::new();
+    for (name, sc) in &cfg.snapshotters {
+        let meta = MetaStore::open(db.clone(), name)
+            .with_context(|| format!("opening snapshotter {name}"))?;
+        let s: Arc<dyn Snapshotter> = match sc {
+            SnapshotterConfig::Overlay(o) => Arc::new(
+                OverlaySnapshotter::new(
+                    meta,
+                    OverlayConfig {
+                        root: cfg.root.join("snapshots").join(name),
+                        upperdir_label: o.upperdir_label,
+                        index_off: o.index_off,
+                        userxattr: o.userxattr,
+                        volatile: o.volatile,
+                        extra_options: o.mount_options.clone(),
+                    },
+                )
+                .with_context(|| format!("starting snapshotter {name}"))?,
+            ),
+        };
+        snapshotters.insert(name.clone(), s);
+    }
+    let names: Vec<String> = snapshotters.keys().cloned().collect();
+    let service = SnapshotService::new(snapshotters);
+
+    let listener = bind(&cfg.address)?;
+    tracing::info!(address = %cfg.address.display(), root = %cfg.root.display(), snapshotters = ?names, "strata serving");
+    let served = tonic::transport::Server::builder()
+        .add_service(service.into_server())
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::UnixListenerStream::new(listener),
+            shutdown_signal(),
+        )
+        .await;
+    let _ = std::fs::remove_file(&cfg.address);
+    served.context("gRPC server failed")?;
+
+    // In-flight requests have finished; the services are dropped. Flush so
+    // the next start replays nothing.
+    tokio::task::spawn_blocking(move || crate::db::flush(&db)).await??;
+    tracing::info!("strata stopped cleanly");
+    Ok(())
+}
