@@ -134,7 +134,13 @@ async fn errors_durability_and_crash_cleanup() -> Result<()> {
         .await?
         .into_inner()
         .mounts;
-    ensure!(m.len() == 1 && m[0].r#type == "bind", "{m:?}");
+    ensure!(
+        m.len() == 1
+            && m[0].r#type == "overlay"
+            && m[0].options.iter().any(|o| o.starts_with("upperdir=") && o.ends_with("/2/fs"))
+            && m[0].options.iter().any(|o| o.starts_with("lowerdir=") && o.ends_with("/1/fs")),
+        "{m:?}"
+    );
     // Start-up cleanup runs in the background; Cleanup does it now.
     c.cleanup(pb::CleanupRequest {
         snapshotter: "strata".into(),
