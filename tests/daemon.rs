@@ -137,8 +137,14 @@ async fn errors_durability_and_crash_cleanup() -> Result<()> {
     ensure!(
         m.len() == 1
             && m[0].r#type == "overlay"
-            && m[0].options.iter().any(|o| o.starts_with("upperdir=") && o.ends_with("/2/fs"))
-            && m[0].options.iter().any(|o| o.starts_with("lowerdir=") && o.ends_with("/1/fs")),
+            && m[0]
+                .options
+                .iter()
+                .any(|o| o.starts_with("upperdir=") && o.ends_with("/2/fs"))
+            && m[0]
+                .options
+                .iter()
+                .any(|o| o.starts_with("lowerdir=") && o.ends_with("/1/fs")),
         "{m:?}"
     );
     // Start-up cleanup runs in the background; Cleanup does it now.

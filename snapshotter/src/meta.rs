@@ -26,6 +26,8 @@ pub struct MetaStore {
     /// directories.
     inflight: Mutex<HashSet<u64>>,
     sync: WriteOptions,
+    /// Reads that may not do I/O (memtable and block cache only).
+    cache_only: ReadOptions,
 }
 
 /// A snapshot being created: checks done, id reserved, keys locked. Create
@@ -65,6 +67,8 @@ impl MetaStore {
         }
         let mut sync = WriteOptions::default();
         sync.set_sync(true);
+        let mut cache_only = ReadOptions::default();
+        cache_only.set_read_tier(rocksdb::ReadTier::BlockCache);
         let store = MetaStore {
             db,
             keys: Keys::new(name),
@@ -72,6 +76,7 @@ impl MetaStore {
             next_id: AtomicU64::new(1),
             inflight: Mutex::new(HashSet::new()),
             sync,
+            cache_only,
         };
         let meta = store.cf(schema::CF_META)?;
         match store.db.get_cf(meta, schema::SCHEMA_KEY)? {
@@ -126,6 +131,23 @@ impl MetaStore {
         self.read(key)?.ok_or_else(|| not_found("snapshot", key))
     }
 
+    /// The record of `key` if it can be read without I/O (from the memtable
+    /// or the block cache), so an async caller may answer inline; `None`
+    /// when the read would block.
+    pub fn get_nonblocking(&self, key: &str) -> Option<Result<Record>> {
+        let raw = self.keys.snapshot(key);
+        let cf = match self.cf(schema::CF_BY_KEY) {
+            Ok(cf) => cf,
+            Err(e) => return Some(Err(e)),
+        };
+        match self.db.get_pinned_cf_opt(cf, &raw, &self.cache_only) {
+            Ok(Some(v)) => Some(Record::decode_value(&raw, &v)),
+            Ok(None) => Some(Err(not_found("snapshot", key))),
+            Err(e) if e.kind() == rocksdb::ErrorKind::Incomplete => None,
+            Err(e) => Some(Err(e.into())),
+        }
+    }
+
     /// Checks and reserves a new snapshot; see [`PendingCreate`].
     pub fn begin_create(
         &self,
@@ -144,7 +166,7 @@ impl MetaStore {
                 "only active or view snapshots can be created".into(),
             ));
         }
-        let guard = self.locks.lock(&[key, parent]);
+        let guard = self.locks.lock(&[key], &[parent]);
         let mut parent_ids = Vec::new();
         if !parent.is_empty() {
             let p = self
@@ -210,7 +232,7 @@ impl MetaStore {
                 "commit name must not be empty".into(),
             ));
         }
-        let _guard = self.locks.lock(&[key, name]);
+        let _guard = self.locks.lock(&[key, name], &[]);
         let active = self.get(key)?;
         if self.read(name)?.is_some() {
             return Err(Error::AlreadyExists(format!("snapshot {name:?}")));
@@ -249,7 +271,7 @@ impl MetaStore {
     /// Removes `key`'s record; FailedPrecondition while it has children.
     /// Returns the removed record (its directory is the caller's to delete).
     pub fn remove(&self, key: &str) -> Result<Record> {
-        let _guard = self.locks.lock(&[key]);
+        let _guard = self.locks.lock(&[key], &[]);
         let rec = self.get(key)?;
         if self.has_children(rec.id)? {
             return Err(Error::FailedPrecondition(format!(
@@ -279,7 +301,7 @@ impl MetaStore {
     /// Updates labels of `info.name`: all of them with no field paths or
     /// `labels`, one with `labels.KEY`; any other path is InvalidArgument.
     pub fn update(&self, info: Info, paths: &[String]) -> Result<Record> {
-        let _guard = self.locks.lock(&[&info.name]);
+        let _guard = self.locks.lock(&[&info.name], &[]);
         let mut rec = self.get(&info.name)?;
         if paths.is_empty() {
             rec.labels = info.labels;

@@ -5,7 +5,7 @@
 //! committed) and `<id>/work` (overlay's workdir, for active snapshots).
 //!
 //! Order of effects, so that a crash anywhere is harmless:
-//! - Prepare/View: create `new-<id>/`, rename it to `<id>/`, then write the
+//! - Prepare/View: create `<id>/` (a fresh id, never reused), then write the
 //!   metadata batch. A crash before the batch leaves a directory with no
 //!   record, which start-up and Cleanup remove.
 //! - Remove: write the metadata batch, then delete `<id>/` in the background.
@@ -61,6 +61,20 @@ struct Inner {
     /// Options every overlay mount starts with.
     base_options: Vec<String>,
     volatile: bool,
+    /// Directories to delete, for the background remover thread.
+    remover: std::sync::mpsc::Sender<PathBuf>,
+}
+
+/// Deletes removed snapshots' directories, one at a time, off the request
+/// path; ends when the snapshotter is dropped.
+fn run_remover(rx: std::sync::mpsc::Receiver<PathBuf>) {
+    for dir in rx {
+        if let Err(e) = std::fs::remove_dir_all(&dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(dir = %dir.display(), error = %e, "removing snapshot directory failed; Cleanup will retry");
+            }
+        }
+    }
 }
 
 /// containerd's overlayfs snapshotter, on strata's metadata store.
@@ -125,8 +139,14 @@ impl OverlaySnapshotter {
         }
         base_options.extend(cfg.extra_options.iter().cloned());
         tracing::info!(root = %cfg.root.display(), ?base_options, volatile = cfg.volatile, "overlay snapshotter ready");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("strata-remover".into())
+            .spawn(move || run_remover(rx))
+            .map_err(|e| Error::io("spawn remover thread", e))?;
         let s = OverlaySnapshotter {
             inner: Arc::new(Inner {
+                remover: tx,
                 meta,
                 root: cfg.root,
                 upperdir_label: cfg.upperdir_label,
@@ -144,6 +164,15 @@ impl OverlaySnapshotter {
             })
             .map_err(|e| Error::io("spawn cleanup thread", e))?;
         Ok(s)
+    }
+
+    /// `key`'s record: inline when it is in memory, else on a blocking thread.
+    async fn record(&self, key: &str) -> Result<Record> {
+        if let Some(r) = self.inner.meta.get_nonblocking(key) {
+            return r;
+        }
+        let key = key.to_string();
+        self.blocking(move |s| s.meta.get(&key)).await
     }
 
     async fn blocking<T: Send + 'static>(
@@ -217,31 +246,32 @@ impl Inner {
     fn create(&self, kind: Kind, key: &str, parent: &str, labels: Labels) -> Result<Vec<Mount>> {
         let pending = self.meta.begin_create(kind, key, parent, labels)?;
         let rec = pending.record().clone();
-        let tmp = self.root.join(format!("new-{}", rec.id));
+        // No temporary name and rename: the id is new and never reused, and
+        // until the batch below is written no record points here, so a crash
+        // leaves an orphan that start-up and Cleanup remove (the id is
+        // in-flight meanwhile, so a concurrent Cleanup spares it). That saves
+        // two operations on the shared root directory per snapshot.
+        let dir = self.dir(rec.id);
         let made = (|| {
-            mkdir(&tmp, 0o700)?;
-            mkdir(&tmp.join("fs"), 0o755)?;
+            mkdir(&dir, 0o700)?;
+            mkdir(&dir.join("fs"), 0o755)?;
             if kind == Kind::Active {
-                mkdir(&tmp.join("work"), 0o711)?;
+                mkdir(&dir.join("work"), 0o711)?;
             }
             if let Some(&pid) = rec.parent_ids.first() {
                 // The new upper dir belongs to whoever owns the parent's root.
                 let st = std::fs::metadata(self.upper(pid))
                     .map_err(|e| Error::io(format!("stat parent {parent:?}"), e))?;
-                std::os::unix::fs::lchown(tmp.join("fs"), Some(st.uid()), Some(st.gid()))
+                std::os::unix::fs::lchown(dir.join("fs"), Some(st.uid()), Some(st.gid()))
                     .map_err(|e| Error::io("chown upper dir", e))?;
             }
-            std::fs::rename(&tmp, self.dir(rec.id))
-                .map_err(|e| Error::io(format!("rename {}", tmp.display()), e))
+            Ok(())
         })();
-        if let Err(e) = made {
-            let _ = std::fs::remove_dir_all(&tmp);
-            return Err(e);
-        }
-        match self.meta.finish_create(pending) {
+        let result = made.and_then(|()| self.meta.finish_create(pending));
+        match result {
             Ok(rec) => Ok(self.mounts(&rec)),
             Err(e) => {
-                let _ = std::fs::remove_dir_all(self.dir(rec.id));
+                let _ = std::fs::remove_dir_all(&dir);
                 Err(e)
             }
         }
@@ -265,20 +295,11 @@ impl Inner {
 
     fn remove(&self, key: &str) -> Result<()> {
         let rec = self.meta.remove(key)?;
-        let dir = self.dir(rec.id);
         // The record is gone; the directory is now an orphan that start-up or
         // Cleanup would also remove. Don't make the caller wait for it.
-        let spawned = std::thread::Builder::new()
-            .name("strata-rm".into())
-            .spawn(move || {
-                if let Err(e) = std::fs::remove_dir_all(&dir) {
-                    if e.kind() != std::io::ErrorKind::NotFound {
-                        tracing::warn!(dir = %dir.display(), error = %e, "removing snapshot directory failed; Cleanup will retry");
-                    }
-                }
-            });
-        if let Err(e) = spawned {
-            tracing::warn!(error = %e, "could not start background removal; Cleanup will remove it");
+        let dir = self.dir(rec.id);
+        if self.remover.send(dir.clone()).is_err() {
+            tracing::warn!(dir = %dir.display(), "background remover is gone; Cleanup will remove it");
         }
         Ok(())
     }
@@ -326,12 +347,8 @@ impl Inner {
 #[async_trait]
 impl Snapshotter for OverlaySnapshotter {
     async fn stat(&self, key: &str) -> Result<Info> {
-        let key = key.to_string();
-        self.blocking(move |s| {
-            let rec = s.meta.get(&key)?;
-            Ok(s.info(key, &rec))
-        })
-        .await
+        let rec = self.record(key).await?;
+        Ok(self.inner.info(key.to_string(), &rec))
     }
 
     async fn update(&self, info: Info, field_paths: Vec<String>) -> Result<Info> {
@@ -344,29 +361,22 @@ impl Snapshotter for OverlaySnapshotter {
     }
 
     async fn usage(&self, key: &str) -> Result<Usage> {
-        let key = key.to_string();
-        self.blocking(move |s| {
-            let rec = s.meta.get(&key)?;
-            match rec.kind() {
-                Kind::Active => disk_usage(&s.upper(rec.id)),
-                _ => Ok(rec.usage()),
-            }
-        })
-        .await
+        let rec = self.record(key).await?;
+        match rec.kind() {
+            // Measured now: a walk of the upper dir, on a blocking thread.
+            Kind::Active => self.blocking(move |s| disk_usage(&s.upper(rec.id))).await,
+            _ => Ok(rec.usage()),
+        }
     }
 
     async fn mounts(&self, key: &str) -> Result<Vec<Mount>> {
-        let key = key.to_string();
-        self.blocking(move |s| {
-            let rec = s.meta.get(&key)?;
-            if rec.kind() == Kind::Committed {
-                return Err(Error::FailedPrecondition(format!(
-                    "snapshot {key:?} is committed: only active and view snapshots have mounts"
-                )));
-            }
-            Ok(s.mounts(&rec))
-        })
-        .await
+        let rec = self.record(key).await?;
+        if rec.kind() == Kind::Committed {
+            return Err(Error::FailedPrecondition(format!(
+                "snapshot {key:?} is committed: only active and view snapshots have mounts"
+            )));
+        }
+        Ok(self.inner.mounts(&rec))
     }
 
     async fn prepare(&self, key: &str, parent: &str, labels: Labels) -> Result<Vec<Mount>> {
