@@ -21,6 +21,60 @@ pub struct Config {
     pub db: DbConfig,
     /// Snapshotters by the name containerd's requests carry.
     pub snapshotters: BTreeMap<String, SnapshotterConfig>,
+    /// The content store.
+    pub content: ContentSettings,
+}
+
+/// The content store's settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ContentSettings {
+    /// Serve `containerd.services.content.v1.Content`.
+    pub enabled: bool,
+    /// FastCDC chunk sizes, KiB: minimum, average, maximum.
+    pub chunk_min_kib: u32,
+    /// Average chunk size, KiB.
+    pub chunk_avg_kib: u32,
+    /// Maximum chunk size, KiB.
+    pub chunk_max_kib: u32,
+    /// zstd level for chunks that compress.
+    pub zstd_level: i32,
+    /// A pack file is sealed past this size, MiB.
+    pub pack_max_mib: u64,
+    /// Seconds between background compactions (0: never).
+    pub compact_interval_secs: u64,
+    /// Compaction rewrites a sealed pack whose live share is below this.
+    pub compact_below: f64,
+}
+
+impl Default for ContentSettings {
+    fn default() -> Self {
+        ContentSettings {
+            enabled: true,
+            chunk_min_kib: 16,
+            chunk_avg_kib: 64,
+            chunk_max_kib: 256,
+            zstd_level: 3,
+            pack_max_mib: 1024,
+            compact_interval_secs: 600,
+            compact_below: 0.5,
+        }
+    }
+}
+
+impl ContentSettings {
+    /// The store's configuration under `root`.
+    pub fn store_config(&self, root: PathBuf) -> strata_content::ContentConfig {
+        strata_content::ContentConfig {
+            root,
+            chunk_min: self.chunk_min_kib.saturating_mul(1024),
+            chunk_avg: self.chunk_avg_kib.saturating_mul(1024),
+            chunk_max: self.chunk_max_kib.saturating_mul(1024),
+            zstd_level: self.zstd_level,
+            pack_max_bytes: self.pack_max_mib.saturating_mul(1 << 20),
+            compact_below: self.compact_below,
+        }
+    }
 }
 
 /// RocksDB settings.
@@ -70,6 +124,7 @@ impl Default for Config {
             log_level: "info".into(),
             db: DbConfig::default(),
             snapshotters,
+            content: ContentSettings::default(),
         }
     }
 }

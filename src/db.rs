@@ -12,6 +12,16 @@ use crate::config::DbConfig;
 /// column families. Column families on disk that no store claims (from a
 /// newer strata) are opened with default options, so they are kept.
 pub fn open(path: &Path, cfg: &DbConfig) -> anyhow::Result<Arc<DB>> {
+    open_mode(path, cfg, false)
+}
+
+/// Opens the database read-only, beside a running daemon (for `strata
+/// content stats` and `strata fsck` without `--repair`).
+pub fn open_read_only(path: &Path, cfg: &DbConfig) -> anyhow::Result<Arc<DB>> {
+    open_mode(path, cfg, true)
+}
+
+fn open_mode(path: &Path, cfg: &DbConfig, read_only: bool) -> anyhow::Result<Arc<DB>> {
     let mut opts = Options::default();
     opts.create_if_missing(true);
     opts.create_missing_column_families(true);
@@ -25,6 +35,7 @@ pub fn open(path: &Path, cfg: &DbConfig) -> anyhow::Result<Arc<DB>> {
 
     let cache = Cache::new_lru_cache(cfg.block_cache_mb.max(1) << 20);
     let mut cfs: Vec<ColumnFamilyDescriptor> = strata_snapshotter::schema::column_families(&cache);
+    cfs.extend(strata_content::schema::column_families(&cache));
     let known: Vec<String> = cfs.iter().map(|c| c.name().to_string()).collect();
     if let Ok(existing) = DB::list_cf(&opts, path) {
         for name in existing {
@@ -34,8 +45,12 @@ pub fn open(path: &Path, cfg: &DbConfig) -> anyhow::Result<Arc<DB>> {
             }
         }
     }
-    let db = DB::open_cf_descriptors(&opts, path, cfs)
-        .with_context(|| format!("opening the metadata database at {}", path.display()))?;
+    let db = if read_only {
+        DB::open_cf_descriptors_read_only(&opts, path, cfs, false)
+    } else {
+        DB::open_cf_descriptors(&opts, path, cfs)
+    }
+    .with_context(|| format!("opening the metadata database at {}", path.display()))?;
     Ok(Arc::new(db))
 }
 

@@ -43,10 +43,42 @@ enum Cmd {
         #[arg(long, default_value = "/var/tmp")]
         workdir: PathBuf,
     },
+    /// The content store: statistics.
+    Content {
+        #[command(subcommand)]
+        what: ContentCmd,
+    },
+    /// Re-verify every committed blob's digest over its stored bytes.
+    Fsck {
+        /// strata's root (default /var/lib/strata).
+        #[arg(long, default_value = "/var/lib/strata")]
+        root: PathBuf,
+        /// strata.toml, for the content settings.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Remove damaged blobs from the store and note them under
+        /// ROOT/content/quarantine (needs the daemon stopped).
+        #[arg(long)]
+        repair: bool,
+    },
     /// Benchmarks, side by side against other implementations in one run.
     Bench {
         #[command(subcommand)]
         what: BenchCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum ContentCmd {
+    /// Logical bytes (what containerd sees), stored bytes, and the ratio.
+    /// Works beside a running daemon (reads the DB read-only).
+    Stats {
+        /// strata's root (default /var/lib/strata).
+        #[arg(long, default_value = "/var/lib/strata")]
+        root: PathBuf,
+        /// strata.toml, for the content settings.
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
 }
 
@@ -93,6 +125,33 @@ fn init_tracing(level: &str) {
         .init();
 }
 
+fn load(config: Option<&std::path::Path>) -> anyhow::Result<Config> {
+    match config {
+        Some(p) => Config::load(p),
+        None => Ok(Config::default()),
+    }
+}
+
+/// Opens the content store of `root` for a CLI command: read-only beside a
+/// running daemon, or writable (the daemon must be stopped).
+fn open_content(
+    root: &std::path::Path,
+    cfg: &Config,
+    writable: bool,
+) -> anyhow::Result<strata_content::ContentStore> {
+    let db_path = root.join("db");
+    let db = if writable {
+        strata::db::open(&db_path, &cfg.db).context("the daemon must be stopped for --repair")?
+    } else {
+        strata::db::open_read_only(&db_path, &cfg.db)?
+    };
+    Ok(strata_content::ContentStore::open(
+        db,
+        cfg.content.store_config(root.join("content")),
+        writable,
+    )?)
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
@@ -122,6 +181,72 @@ fn main() -> anyhow::Result<()> {
                 .build()
                 .context("starting the tokio runtime")?;
             rt.block_on(strata::serve::run(cfg))
+        }
+        Cmd::Content {
+            what: ContentCmd::Stats { root, config },
+        } => {
+            init_tracing("warn");
+            let cfg = load(config.as_deref())?;
+            let store = open_content(&root, &cfg, false)?;
+            let s = store.stats()?;
+            let mib = |b: u64| b as f64 / (1 << 20) as f64;
+            println!("blobs            {}", s.blobs);
+            println!(
+                "logical bytes    {} ({:.1} MiB)",
+                s.logical_bytes,
+                mib(s.logical_bytes)
+            );
+            println!(
+                "unique chunks    {} ({:.1} MiB before compression)",
+                s.chunks,
+                mib(s.chunk_raw_bytes)
+            );
+            println!(
+                "stored bytes     {} ({:.1} MiB in chunks)",
+                s.chunk_stored_bytes,
+                mib(s.chunk_stored_bytes)
+            );
+            println!(
+                "pack files       {} ({:.1} MiB on disk)",
+                s.packs,
+                mib(s.pack_bytes)
+            );
+            let ratio = |a: u64, b: u64| if b == 0 { 0.0 } else { a as f64 / b as f64 };
+            println!(
+                "dedup+compression ratio  {:.2} (logical / stored)",
+                ratio(s.logical_bytes, s.chunk_stored_bytes)
+            );
+            println!(
+                "on-disk ratio            {:.2} (logical / pack files)",
+                ratio(s.logical_bytes, s.pack_bytes)
+            );
+            Ok(())
+        }
+        Cmd::Fsck {
+            root,
+            config,
+            repair,
+        } => {
+            init_tracing("warn");
+            let cfg = load(config.as_deref())?;
+            let store = open_content(&root, &cfg, repair)?;
+            let damaged = store.fsck(repair)?;
+            for d in &damaged {
+                println!("DAMAGED {}: {}", d.digest, d.problem);
+            }
+            if damaged.is_empty() {
+                println!("fsck: every committed blob matches its digest");
+                Ok(())
+            } else if repair {
+                println!(
+                    "fsck: {} damaged blob(s) removed; notes in {}",
+                    damaged.len(),
+                    root.join("content/quarantine").display()
+                );
+                Ok(())
+            } else {
+                anyhow::bail!("fsck: {} damaged blob(s); run with --repair (daemon stopped) to quarantine them", damaged.len())
+            }
         }
         Cmd::Demo { workdir } => {
             init_tracing("warn");

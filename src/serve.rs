@@ -6,6 +6,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context;
+use strata_content::service::ContentService;
+use strata_content::ContentStore;
 use strata_snapshotter::meta::MetaStore;
 use strata_snapshotter::overlay::{OverlayConfig, OverlaySnapshotter};
 use strata_snapshotter::service::SnapshotService;
@@ -53,6 +55,21 @@ async fn shutdown_signal() {
     }
 }
 
+/// Compacts the content store's packs now and then, off the async workers.
+async fn compact_every(store: ContentStore, every: std::time::Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let s = store.clone();
+        match tokio::task::spawn_blocking(move || s.compact()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "content compaction failed"),
+            Err(e) => tracing::warn!(error = %e, "content compaction panicked"),
+        }
+    }
+}
+
 /// Runs the daemon until SIGTERM or SIGINT.
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     cfg.validate()?;
@@ -88,11 +105,32 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     }
     let names: Vec<String> = snapshotters.keys().cloned().collect();
     let service = SnapshotService::new(snapshotters);
+    let content = if cfg.content.enabled {
+        let store = {
+            let (db, c) = (
+                db.clone(),
+                cfg.content.store_config(cfg.root.join("content")),
+            );
+            tokio::task::spawn_blocking(move || ContentStore::open(db, c, true))
+                .await?
+                .context("opening the content store")?
+        };
+        if cfg.content.compact_interval_secs > 0 {
+            tokio::spawn(compact_every(
+                store.clone(),
+                std::time::Duration::from_secs(cfg.content.compact_interval_secs),
+            ));
+        }
+        Some(ContentService::new(store).into_server())
+    } else {
+        None
+    };
 
     let listener = bind(&cfg.address)?;
-    tracing::info!(address = %cfg.address.display(), root = %cfg.root.display(), snapshotters = ?names, "strata serving");
+    tracing::info!(address = %cfg.address.display(), root = %cfg.root.display(), snapshotters = ?names, content = cfg.content.enabled, "strata serving");
     let served = tonic::transport::Server::builder()
         .add_service(service.into_server())
+        .add_optional_service(content)
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::UnixListenerStream::new(listener),
             shutdown_signal(),

@@ -1,0 +1,85 @@
+//! The content store's errors and their one mapping to gRPC codes.
+
+/// What a content operation can fail with (containerd's `errdefs`).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No such blob or ingest.
+    #[error("{0}: not found")]
+    NotFound(String),
+    /// The blob exists already.
+    #[error("{0}: already exists")]
+    AlreadyExists(String),
+    /// Wrong size or digest at commit, or a state that forbids the call.
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// A malformed request.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The ref is being written by another writer.
+    #[error("{0}")]
+    Unavailable(String),
+    /// A read or write outside the blob or ingest.
+    #[error("{0}")]
+    OutOfRange(String),
+    /// Stored data does not match its digest.
+    #[error("{0}")]
+    DataLoss(String),
+    /// The database failed.
+    #[error("content database: {0}")]
+    Db(#[from] rocksdb::Error),
+    /// A stored record could not be decoded.
+    #[error("corrupt content record: {0}")]
+    Corrupt(String),
+    /// A filesystem operation failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done, with the path.
+        what: String,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// A background task died.
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+/// The content store's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// An I/O error with what was being done.
+    pub fn io(what: impl Into<String>, source: std::io::Error) -> Self {
+        Error::Io {
+            what: what.into(),
+            source,
+        }
+    }
+}
+
+impl From<Error> for tonic::Status {
+    fn from(e: Error) -> Self {
+        let msg = e.to_string();
+        match e {
+            Error::NotFound(_) => tonic::Status::not_found(msg),
+            Error::AlreadyExists(_) => tonic::Status::already_exists(msg),
+            Error::FailedPrecondition(_) => tonic::Status::failed_precondition(msg),
+            Error::InvalidArgument(_) => tonic::Status::invalid_argument(msg),
+            Error::Unavailable(_) => tonic::Status::unavailable(msg),
+            Error::OutOfRange(_) => tonic::Status::out_of_range(msg),
+            Error::DataLoss(_) => {
+                tracing::error!(error = %msg, "stored content is damaged");
+                tonic::Status::data_loss(msg)
+            }
+            Error::Db(_) | Error::Corrupt(_) | Error::Io { .. } | Error::Internal(_) => {
+                tracing::error!(error = %msg, "content operation failed");
+                tonic::Status::internal(msg)
+            }
+        }
+    }
+}
+
+impl From<tokio::task::JoinError> for Error {
+    fn from(e: tokio::task::JoinError) -> Self {
+        Error::Internal(format!("blocking task failed: {e}"))
+    }
+}
