@@ -686,9 +686,10 @@ impl Inner {
         let chunk_cf = self.cf(schema::CF_CHUNK)?;
         let mut head = [0u8; 8];
         let n = file.read_at(&mut head, 0).unwrap_or(0);
-        let mut try_zstd = !looks_compressed(&head[..n]);
-        let mut zstd_misses = 0;
-        let mut zstd_hits = 0;
+        let raw_format = looks_compressed(&head[..n]);
+        // Chunks to skip before zstd is tried again, after a run of misses.
+        let mut zstd_pause = 0u32;
+        let mut zstd_misses = 0u32;
 
         let reader = BufReader::with_capacity(1 << 20, ReadAt { file, pos: 0 });
         let chunker = fastcdc::v2020::StreamCDC::new(
@@ -729,18 +730,24 @@ impl Inner {
                 continue;
             }
             let mut stored = None;
-            if try_zstd {
+            if raw_format {
+                // gzip/zstd/xz/bzip2 layers: compressing again wastes CPU.
+            } else if zstd_pause > 0 {
+                zstd_pause -= 1;
+            } else {
                 let c = zstd::bulk::compress(&chunk.data, self.cfg.zstd_level)
                     .map_err(|e| Error::io("zstd", e))?;
                 // Keep it only when it saves at least 1/16.
                 if c.len() + c.len() / 16 < chunk.data.len() {
-                    zstd_hits += 1;
+                    zstd_misses = 0;
                     stored = Some(c);
                 } else {
                     zstd_misses += 1;
-                    // Eight misses and no hit: this blob does not compress.
-                    if zstd_misses >= 8 && zstd_hits == 0 {
-                        try_zstd = false;
+                    // After a run of misses this part of the blob does not
+                    // compress: only every fourth chunk is tried until one
+                    // compresses again.
+                    if zstd_misses >= 4 {
+                        zstd_pause = 3;
                     }
                 }
             }
