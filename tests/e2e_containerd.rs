@@ -1,12 +1,14 @@
 //! End to end with real components: an image built from real files is pushed
 //! to Debian's docker-registry with skopeo, pulled by Debian's containerd into
-//! strata's overlay snapshotter, run with runc, removed and garbage-collected.
+//! strata's content store and overlay snapshotter, run with runc, removed and
+//! garbage-collected.
 
 mod common;
 
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
+use sha2::Digest;
 use strata::harness::{image, Containerd, ContainerdSetup, Registry, Strata};
 
 fn snapshot_lines(cd: &mut Containerd) -> Result<Vec<String>> {
@@ -32,6 +34,7 @@ fn containerd_pulls_runs_and_collects_through_strata() -> Result<()> {
         &ContainerdSetup {
             proxy_snapshotters: vec!["strata".into()],
             strata_socket: Some(strata.socket.clone()),
+            strata_content: true,
         },
     )?;
 
@@ -43,6 +46,19 @@ fn containerd_pulls_runs_and_collects_through_strata() -> Result<()> {
         "strata",
         &reference,
     ])?;
+    // The blobs came through strata's content store: containerd reads them back.
+    let blobs = cd.ctr(&["content", "ls", "-q"])?;
+    ensure!(
+        blobs.lines().count() == 5,
+        "manifest, config and 3 layers in content: {blobs}"
+    );
+    for d in blobs.lines() {
+        let bytes = cd.ctr_bytes(&["content", "get", d])?;
+        ensure!(
+            format!("sha256:{:x}", sha2::Sha256::digest(&bytes)) == d,
+            "content get {d} returned other bytes"
+        );
+    }
     let snaps = snapshot_lines(&mut cd)?;
     ensure!(
         snaps.len() == 3 && snaps.iter().all(|l| l.contains("Committed")),
@@ -107,7 +123,8 @@ fn containerd_pulls_runs_and_collects_through_strata() -> Result<()> {
         "image changed by a container: {out}"
     );
 
-    // Remove the image; containerd's GC removes the snapshots through strata.
+    // Remove the image; containerd's GC removes the snapshots and the blobs
+    // through strata.
     cd.ctr(&["image", "rm", "--sync", &reference])?;
     let snap_dir = strata.root.join("snapshots/strata");
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -118,7 +135,8 @@ fn containerd_pulls_runs_and_collects_through_strata() -> Result<()> {
             .filter_map(|e| e.ok())
             .map(|e| e.file_name())
             .collect();
-        if snaps.is_empty() && dirs.is_empty() {
+        let blobs = cd.ctr(&["content", "ls", "-q"])?;
+        if snaps.is_empty() && dirs.is_empty() && blobs.trim().is_empty() {
             break;
         }
         ensure!(

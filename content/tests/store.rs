@@ -17,8 +17,12 @@ fn open_db(dir: &std::path::Path) -> Arc<DB> {
     o.create_missing_column_families(true);
     let cache = rocksdb::Cache::new_lru_cache(8 << 20);
     Arc::new(
-        DB::open_cf_descriptors(&o, dir.join("db"), strata_content::schema::column_families(&cache))
-            .expect("open db"),
+        DB::open_cf_descriptors(
+            &o,
+            dir.join("db"),
+            strata_content::schema::column_families(&cache),
+        )
+        .expect("open db"),
     )
 }
 
@@ -62,7 +66,13 @@ fn reads_are_byte_exact_at_any_offset() -> R {
     let dg = put(&s, "r1", &data)?;
     assert_eq!(dg, digest(&data));
     assert_eq!(read_all(&s, &dg)?, data);
-    for (off, len) in [(0usize, 1usize), (65_535, 70_000), (3 << 20, 5), (data.len() - 3, 3), (12_345, 0)] {
+    for (off, len) in [
+        (0usize, 1usize),
+        (65_535, 70_000),
+        (3 << 20, 5),
+        (data.len() - 3, 3),
+        (12_345, 0),
+    ] {
         let mut got = Vec::new();
         s.read(&dg, off as i64, len as i64, |_, p| {
             got.extend_from_slice(p);
@@ -71,7 +81,10 @@ fn reads_are_byte_exact_at_any_offset() -> R {
         let end = if len == 0 { data.len() } else { off + len };
         assert_eq!(got, &data[off..end], "range {off}+{len}");
     }
-    assert!(matches!(s.read(&dg, data.len() as i64 + 1, 0, |_, _| true), Err(Error::OutOfRange(_))));
+    assert!(matches!(
+        s.read(&dg, data.len() as i64 + 1, 0, |_, _| true),
+        Err(Error::OutOfRange(_))
+    ));
     // The repetitive tail compressed, the noise did not.
     let st = s.stats()?;
     assert!(st.chunk_stored_bytes < st.logical_bytes, "{st:?}");
@@ -129,7 +142,10 @@ fn failed_commit_keeps_the_ingest_and_resumes_after_restart() -> R {
     assert_eq!(read_all(&s, &dg)?, data);
     assert!(matches!(s.status("ref"), Err(Error::NotFound(_))));
     // Committing it again is AlreadyExists, up front.
-    assert!(matches!(s.writer("x", 0, &dg), Err(Error::AlreadyExists(_))));
+    assert!(matches!(
+        s.writer("x", 0, &dg),
+        Err(Error::AlreadyExists(_))
+    ));
     Ok(())
 }
 
@@ -150,7 +166,10 @@ fn compaction_frees_deleted_data_and_keeps_live_blobs_readable() -> R {
     let c = s.compact()?;
     let after = s.stats()?;
     assert!(c.dead_chunks > 0 && c.packs_removed > 0, "{c:?}");
-    assert!(after.pack_bytes + (2 << 20) < before.pack_bytes, "{before:?} -> {after:?}");
+    assert!(
+        after.pack_bytes + (2 << 20) < before.pack_bytes,
+        "{before:?} -> {after:?}"
+    );
     assert_eq!(read_all(&s, &db)?, b);
     // The shared chunks survived; storing `a` again costs only its own part.
     put(&s, "a2", &a)?;
@@ -188,6 +207,11 @@ fn fsck_finds_and_quarantines_damage() -> R {
     assert_eq!(found[0].digest, digest(&bad));
     assert!(matches!(s.info(&digest(&bad)), Err(Error::NotFound(_))));
     assert_eq!(read_all(&s, &digest(&good))?, good);
-    assert!(d.path().join("content/quarantine").read_dir()?.next().is_some());
+    assert!(d
+        .path()
+        .join("content/quarantine")
+        .read_dir()?
+        .next()
+        .is_some());
     Ok(())
 }

@@ -29,6 +29,9 @@ pub struct Image {
     pub layers: Vec<Vec<Entry>>,
     /// The default command.
     pub cmd: Vec<String>,
+    /// Layers as plain tar instead of tar+gzip: equal files then give
+    /// equal bytes in every layer (what chunk dedup can find).
+    pub uncompressed: bool,
 }
 
 /// What was written.
@@ -111,15 +114,19 @@ impl Image {
         for entries in &self.layers {
             let tar = layer_tar(entries)?;
             diff_ids.push(sha256(&tar));
-            let mut gz = GzEncoder::new(Vec::new(), flate2::Compression::fast());
-            std::io::Write::write_all(&mut gz, &tar)?;
-            let gz = gz.finish()?;
-            layer_sizes.push(gz.len() as u64);
-            let digest = put_blob(dir, &gz)?;
+            let (blob, media_type) = if self.uncompressed {
+                (tar, "application/vnd.oci.image.layer.v1.tar")
+            } else {
+                let mut gz = GzEncoder::new(Vec::new(), flate2::Compression::fast());
+                std::io::Write::write_all(&mut gz, &tar)?;
+                (gz.finish()?, "application/vnd.oci.image.layer.v1.tar+gzip")
+            };
+            layer_sizes.push(blob.len() as u64);
+            let digest = put_blob(dir, &blob)?;
             layers.push(json!({
-                "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                "mediaType": media_type,
                 "digest": digest,
-                "size": gz.len(),
+                "size": blob.len(),
             }));
         }
         let config = serde_json::to_vec(&json!({
@@ -159,7 +166,18 @@ impl Image {
 
 /// The programs the busybox layer links to busybox.
 const APPLETS: &[&str] = &[
-    "sh", "cat", "ls", "echo", "test", "stat", "find", "sort", "wc", "head", "du",
+    "sh",
+    "cat",
+    "ls",
+    "echo",
+    "test",
+    "stat",
+    "find",
+    "sort",
+    "wc",
+    "head",
+    "du",
+    "sha256sum",
 ];
 
 /// A layer with a static busybox (Debian's busybox-static) as `/bin`.
@@ -223,5 +241,55 @@ pub fn demo_image() -> Result<Image> {
             "-c".into(),
             "ls /data; cat /data/kept.txt /data/overwritten.txt /data/added.txt".into(),
         ],
+        uncompressed: false,
+    })
+}
+
+/// Bytes that do not compress, from a seed.
+pub fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// Version `v` of an application image with plain tar layers: busybox, then
+/// an app layer of `files` files of `file_size` bytes. Version 2 changes
+/// file 0 and adds one file; every other file is byte-identical to v1's.
+pub fn app_image(v: u32, files: usize, file_size: usize) -> Result<Image> {
+    let mut app = vec![Entry::Dir("app".into())];
+    for i in 0..files {
+        let seed = if i == 0 {
+            1000 + u64::from(v)
+        } else {
+            i as u64
+        };
+        app.push(Entry::File(
+            format!("app/f{i:03}"),
+            noise(seed, file_size),
+            0o644,
+        ));
+    }
+    if v >= 2 {
+        app.push(Entry::File(
+            "app/new-in-v2".into(),
+            noise(5000 + u64::from(v), file_size),
+            0o644,
+        ));
+    }
+    app.push(Entry::File(
+        "app/VERSION".into(),
+        format!("{v}\n").into_bytes(),
+        0o644,
+    ));
+    Ok(Image {
+        layers: vec![busybox_layer()?, app],
+        cmd: vec!["/bin/cat".into(), "/app/VERSION".into()],
+        uncompressed: true,
     })
 }

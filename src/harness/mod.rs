@@ -320,6 +320,8 @@ pub struct ContainerdSetup {
     pub proxy_snapshotters: Vec<String>,
     /// strata's socket (None: containerd alone).
     pub strata_socket: Option<PathBuf>,
+    /// Use strata's content store instead of containerd's built-in one.
+    pub strata_content: bool,
 }
 
 /// Debian's containerd in a temporary directory, with its own socket.
@@ -353,6 +355,16 @@ impl Containerd {
             sock = socket.display(),
         );
         if let Some(s) = &setup.strata_socket {
+            if setup.strata_content {
+                config = config.replace(
+                    "disabled_plugins = [\"io.containerd.grpc.v1.cri\"]",
+                    "disabled_plugins = [\"io.containerd.grpc.v1.cri\", \"io.containerd.content.v1.content\"]",
+                );
+                config.push_str(&format!(
+                    "[proxy_plugins.\"strata-content\"]\n  type = \"content\"\n  address = \"{}\"\n",
+                    s.display()
+                ));
+            }
             for name in &setup.proxy_snapshotters {
                 config.push_str(&format!(
                     "[proxy_plugins.\"{name}\"]\n  type = \"snapshot\"\n  address = \"{}\"\n",
@@ -389,6 +401,11 @@ impl Containerd {
 
     /// Runs `ctr -a SOCKET -n strata ARGS`; fails with its output on error.
     pub fn ctr(&mut self, args: &[&str]) -> Result<String> {
+        Ok(String::from_utf8_lossy(&self.ctr_bytes(args)?).into_owned())
+    }
+
+    /// [`Containerd::ctr`], with stdout as bytes.
+    pub fn ctr_bytes(&mut self, args: &[&str]) -> Result<Vec<u8>> {
         self.proc.check_alive()?;
         let out = run(Command::new(&self.ctr)
             .arg("-a")
@@ -396,7 +413,7 @@ impl Containerd {
             .args(["-n", "strata"])
             .args(args))
         .map_err(|e| anyhow::anyhow!("{e}\ncontainerd log:\n{}", self.proc.log_tail()))?;
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        Ok(out.stdout)
     }
 
     /// Stops containerd and the shims it started, and unmounts what is left.
