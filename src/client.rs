@@ -13,6 +13,8 @@ pub async fn connect(socket: &Path) -> anyhow::Result<Channel> {
     let path: PathBuf = socket.to_path_buf();
     // The URI is required by the API but unused: the connector dials the socket.
     Endpoint::try_from("http://[::]:0")?
+        .initial_stream_window_size(Some(8 << 20))
+        .initial_connection_window_size(Some(32 << 20))
         .connect_with_connector(tower::service_fn(move |_: Uri| {
             let path = path.clone();
             async move {

@@ -128,7 +128,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
 
     let listener = bind(&cfg.address)?;
     tracing::info!(address = %cfg.address.display(), root = %cfg.root.display(), snapshotters = ?names, content = cfg.content.enabled, "strata serving");
+    // Blobs stream through Write and Read: HTTP/2 windows large enough that
+    // flow control does not cap a local transfer.
     let served = tonic::transport::Server::builder()
+        .initial_stream_window_size(Some(8 << 20))
+        .initial_connection_window_size(Some(32 << 20))
         .add_service(service.into_server())
         .add_optional_service(content)
         .serve_with_incoming_shutdown(

@@ -221,7 +221,10 @@ impl Content for ContentService {
         req: Request<pb::InfoRequest>,
     ) -> Result<Response<pb::InfoResponse>, Status> {
         let d = req.into_inner().digest;
-        let info = self.blocking(move |s| s.info(&d)).await?;
+        let info = match self.store.info_nonblocking(&d) {
+            Some(r) => r?,
+            None => self.blocking(move |s| s.info(&d)).await?,
+        };
         Ok(Response::new(pb::InfoResponse {
             info: Some(to_pb(info)),
         }))
@@ -294,14 +297,9 @@ impl Content for ContentService {
         req: Request<pb::ReadContentRequest>,
     ) -> Result<Response<Self::ReadStream>, Status> {
         let r = req.into_inner();
-        // Errors before the first byte (NotFound, OutOfRange) are the call's.
-        let (d, offset, size) = (r.digest.clone(), r.offset, r.size);
-        let info = self.blocking(move |s| s.info(&d)).await?;
-        if r.offset > info.size {
-            return Err(
-                Error::OutOfRange(format!("read past object length {} bytes", info.size)).into(),
-            );
-        }
+        let (offset, size) = (r.offset, r.size);
+        // One blocking task does it all; an error (NotFound, OutOfRange)
+        // reaches the client as the stream's status.
         let (tx, rx) = mpsc::channel(4);
         let s = self.store.clone();
         tokio::task::spawn_blocking(move || {

@@ -246,6 +246,30 @@ impl ContentStore {
         self.inner.info(digest)
     }
 
+    /// The blob's info if it can be read without I/O (memtable or block
+    /// cache), for an async caller to answer inline; `None` if it would block.
+    pub fn info_nonblocking(&self, digest: &str) -> Option<Result<Info>> {
+        if let Err(e) = validate_digest(digest) {
+            return Some(Err(e));
+        }
+        let inner = &self.inner;
+        let cf = match inner.cf(schema::CF_BLOB) {
+            Ok(cf) => cf,
+            Err(e) => return Some(Err(e)),
+        };
+        let mut ro = ReadOptions::default();
+        ro.set_read_tier(rocksdb::ReadTier::BlockCache);
+        match inner.db.get_pinned_cf_opt(cf, digest.as_bytes(), &ro) {
+            Ok(Some(v)) => Some(
+                schema::decode::<BlobRecord>(digest, &v)
+                    .map(|r| Inner::info_of(digest.to_string(), &r)),
+            ),
+            Ok(None) => Some(Err(Error::NotFound(format!("content {digest}")))),
+            Err(e) if e.kind() == rocksdb::ErrorKind::Incomplete => None,
+            Err(e) => Some(Err(e.into())),
+        }
+    }
+
     /// Updates labels (`labels`, `labels.KEY`; none: all).
     pub fn update(&self, info: Info, paths: &[String]) -> Result<Info> {
         self.inner.update(info, paths)
@@ -513,25 +537,45 @@ impl Inner {
         }
     }
 
-    /// A chunk's original bytes. A pack removed by compaction between the
-    /// lookup and the read means the location moved: look it up again.
-    fn chunk_bytes(&self, c: &ChunkRef) -> Result<Vec<u8>> {
+    /// Bytes `[from, to)` of a chunk's original bytes: a raw chunk is read
+    /// in part, a compressed one whole and then cut. A pack removed by
+    /// compaction between the lookup and the read means the location moved:
+    /// look it up again.
+    fn chunk_slice(&self, c: &ChunkRef, from: usize, to: usize) -> Result<Vec<u8>> {
         for _ in 0..3 {
             let loc = self
                 .chunk_loc(&c.id)?
                 .ok_or_else(|| Error::DataLoss(format!("chunk {} has no location", hex(&c.id))))?;
-            let stored = match self
-                .packs
-                .read(loc.pack, loc.offset, loc.stored_len as usize)
-            {
+            if loc.raw_len != c.len || to > c.len as usize || from > to {
+                return Err(Error::DataLoss(format!(
+                    "chunk {}: {} bytes stored, {} expected",
+                    hex(&c.id),
+                    loc.raw_len,
+                    c.len
+                )));
+            }
+            let (off, len) = match loc.compression {
+                schema::COMPRESSION_NONE => (loc.offset + from as u64, to - from),
+                _ => (loc.offset, loc.stored_len as usize),
+            };
+            let stored = match self.packs.read(loc.pack, off, len) {
                 Ok(b) => b,
                 Err(Error::NotFound(_)) => continue,
                 Err(e) => return Err(e),
             };
             return match loc.compression {
                 schema::COMPRESSION_NONE => Ok(stored),
-                schema::COMPRESSION_ZSTD => zstd::bulk::decompress(&stored, loc.raw_len as usize)
-                    .map_err(|e| Error::DataLoss(format!("chunk {}: {e}", hex(&c.id)))),
+                schema::COMPRESSION_ZSTD => {
+                    let raw = zstd::bulk::decompress(&stored, loc.raw_len as usize)
+                        .map_err(|e| Error::DataLoss(format!("chunk {}: {e}", hex(&c.id))))?;
+                    if raw.len() != loc.raw_len as usize {
+                        return Err(Error::DataLoss(format!(
+                            "chunk {} decompressed short",
+                            hex(&c.id)
+                        )));
+                    }
+                    Ok(raw[from..to].to_vec())
+                }
                 other => Err(Error::Corrupt(format!("chunk compression {other}"))),
             };
         }
@@ -584,21 +628,14 @@ impl Inner {
             }
             let start = schema::offset_of(k);
             let c: ChunkRef = schema::decode(digest, v)?;
-            let data = self.chunk_bytes(&c)?;
-            if data.len() != c.len as usize {
-                return Err(Error::DataLoss(format!(
-                    "{digest}: chunk at {start} has {} bytes, not {}",
-                    data.len(),
-                    c.len
-                )));
-            }
             let from = (pos - start) as usize;
-            let to = ((end - start) as usize).min(data.len());
+            let to = ((end - start) as usize).min(c.len as usize);
             if from < to {
-                if !emit(pos, &data[from..to]) {
+                let data = self.chunk_slice(&c, from, to)?;
+                if !emit(pos, &data) {
                     return Ok(());
                 }
-                pos += (to - from) as u64;
+                pos += data.len() as u64;
             }
             it.next();
         }

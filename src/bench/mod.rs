@@ -1,8 +1,13 @@
-//! `strata bench snapshots`: snapshot-op latencies and throughput through
-//! containerd's proxy gRPC API, against several targets side by side in one
-//! run (strata, containerd's overlayfs in `refproxy`, any proxy plugin).
+//! `strata bench`: latencies and throughput through containerd's proxy gRPC
+//! APIs, against several targets side by side in one run (strata,
+//! containerd's own overlayfs and local store in `refproxy`, any proxy
+//! plugin). Rounds alternate between targets so that they share the
+//! machine's noise.
 //!
-//! Rounds alternate between targets so that they share the machine's noise.
+//! This module: snapshot ops, the shared summary and table. [`content`]:
+//! content-store ingest, read and lookup.
+
+pub mod content;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -60,7 +65,7 @@ pub struct OpStats {
     pub ops_per_s: f64,
 }
 
-fn summarize(target: &str, op: &str, mut lat: Vec<Duration>, wall: Duration) -> OpStats {
+pub(crate) fn summarize(target: &str, op: &str, mut lat: Vec<Duration>, wall: Duration) -> OpStats {
     lat.sort_unstable();
     let pct = |p: f64| {
         if lat.is_empty() {
@@ -248,7 +253,7 @@ pub async fn snapshots(
 /// target's (below 1: faster than the first).
 pub fn table(rows: &[OpStats]) -> String {
     let mut out = format!(
-        "{:<14} {:<12} {:>7} {:>10} {:>10} {:>11} {:>12}\n",
+        "{:<20} {:<10} {:>7} {:>10} {:>10} {:>11} {:>12}\n",
         "op", "target", "n", "p50 µs", "p99 µs", "ops/s", "p50 ÷ first"
     );
     let first: HashMap<&str, &OpStats> = rows
@@ -269,7 +274,7 @@ pub fn table(rows: &[OpStats]) -> String {
                 .map(|f| r.p50_us / f.p50_us.max(1e-9))
                 .unwrap_or(1.0);
             out.push_str(&format!(
-                "{:<14} {:<12} {:>7} {:>10.0} {:>10.0} {:>11.0} {:>11.2}x\n",
+                "{:<20} {:<10} {:>7} {:>10.0} {:>10.0} {:>11.0} {:>11.2}x\n",
                 r.op, r.target, r.n, r.p50_us, r.p99_us, r.ops_per_s, ratio
             ));
         }
