@@ -167,3 +167,122 @@ async fn errors_durability_and_crash_cleanup() -> Result<()> {
     strata.stop()?;
     Ok(())
 }
+
+/// An ingest cut off by a crash resumes after the restart at the offset
+/// Status reports, and commits to the right bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn content_ingest_resumes_after_sigkill() -> Result<()> {
+    use sha2::Digest;
+    use strata_proto::content as cpb;
+    common::require_root();
+    let tmp = common::tempdir();
+    let dir = tmp.path();
+    let data = strata::harness::image::noise(77, 3 << 20);
+    let digest = format!("sha256:{:x}", sha2::Sha256::digest(&data));
+    let write =
+        |reference: &str, offset: usize, part: &[u8], commit: bool| cpb::WriteContentRequest {
+            action: if commit {
+                cpb::WriteAction::Commit
+            } else {
+                cpb::WriteAction::Write
+            } as i32,
+            r#ref: reference.into(),
+            total: data.len() as i64,
+            expected: digest.clone(),
+            offset: offset as i64,
+            data: part.to_vec(),
+            labels: HashMap::new(),
+        };
+
+    let strata = Strata::start(&common::strata_bin(), dir, &[])?;
+    let mut c =
+        cpb::content_client::ContentClient::new(strata::client::connect(&strata.socket).await?);
+    let first = vec![
+        write("pull-1", 0, &data[..1 << 20], false),
+        write("pull-1", 1 << 20, &data[1 << 20..2 << 20], false),
+    ];
+    let mut s = c.write(tokio_stream::iter(first)).await?.into_inner();
+    while s.message().await?.is_some() {}
+    // Let the session end and its bytes reach the file, then crash.
+    let mut offset = 0;
+    for _ in 0..100 {
+        offset = c
+            .status(cpb::StatusRequest {
+                r#ref: "pull-1".into(),
+            })
+            .await?
+            .into_inner()
+            .status
+            .map(|s| s.offset)
+            .unwrap_or(0);
+        if offset == 2 << 20 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    ensure!(offset == 2 << 20, "status offset {offset} before the crash");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(strata.proc_pid()?),
+        nix::sys::signal::Signal::SIGKILL,
+    )?;
+    drop(strata);
+
+    let strata = Strata::start(&common::strata_bin(), dir, &[])?;
+    let mut c =
+        cpb::content_client::ContentClient::new(strata::client::connect(&strata.socket).await?);
+    let st = c
+        .status(cpb::StatusRequest {
+            r#ref: "pull-1".into(),
+        })
+        .await?
+        .into_inner()
+        .status;
+    let offset = st.as_ref().map(|s| s.offset).unwrap_or(-1) as usize;
+    ensure!(offset == 2 << 20, "after the restart Status says {st:?}");
+    let rest = vec![write("pull-1", offset, &data[offset..], true)];
+    let mut s = c.write(tokio_stream::iter(rest)).await?.into_inner();
+    let mut committed = String::new();
+    while let Some(m) = s.message().await? {
+        committed = m.digest;
+    }
+    ensure!(
+        committed == digest,
+        "committed {committed}, wanted {digest}"
+    );
+    let mut r = c
+        .read(cpb::ReadContentRequest {
+            digest: digest.clone(),
+            offset: 0,
+            size: 0,
+        })
+        .await?
+        .into_inner();
+    let mut back = Vec::new();
+    while let Some(m) = r.message().await? {
+        back.extend_from_slice(&m.data);
+    }
+    ensure!(
+        back == data,
+        "read back {} bytes, not the {} written",
+        back.len(),
+        data.len()
+    );
+    // Committing it again is AlreadyExists.
+    let again = vec![write("pull-2", 0, &data, true)];
+    let e = match c.write(tokio_stream::iter(again)).await {
+        Err(e) => e,
+        Ok(resp) => {
+            let mut s = resp.into_inner();
+            loop {
+                match s.message().await {
+                    Err(e) => break e,
+                    Ok(None) => anyhow::bail!("second commit of {digest} succeeded"),
+                    Ok(Some(_)) => {}
+                }
+            }
+        }
+    };
+    ensure!(e.code() == Code::AlreadyExists, "{e:?}");
+    strata.stop()?;
+    Ok(())
+}
