@@ -1,7 +1,8 @@
-//! Dedup, measured with real clients: two versions of an image whose plain-tar
-//! app layers share all but two files are pushed to docker-registry, pulled by
+//! Dedup, measured with real clients: two versions of an image whose app
+//! layers share all but two files are pushed to docker-registry, pulled by
 //! containerd through strata's content store, and the second version's cost
-//! in stored bytes is read from the store itself.
+//! in stored bytes is read from the store itself: once with plain tar layers,
+//! once with eStargz layers made by stargz-snapshotter's `ctr-remote`.
 
 mod common;
 
@@ -95,6 +96,129 @@ fn a_second_version_costs_what_changed() -> Result<()> {
         "/app/new-in-v2",
     ])?;
     for (name, seed) in [("f001", 1u64), ("f023", 23), ("new-in-v2", 5002)] {
+        let want = format!("{:x}", sha2::Sha256::digest(image::noise(seed, FILE_SIZE)));
+        ensure!(
+            out.contains(&format!("{want}  /app/{name}")),
+            "{name}: {out}"
+        );
+    }
+    cd.stop()?;
+    strata.stop()?;
+    Ok(())
+}
+
+/// The same with eStargz: plain images are pulled into a first containerd,
+/// converted by stargz-snapshotter's `ctr-remote` (`image convert --estargz`,
+/// gzip per file), pushed back to the registry, then pulled by a second
+/// containerd into a fresh strata, v1 then v2.
+#[test]
+fn estargz_versions_dedup_too() -> Result<()> {
+    common::require_root();
+    let ctr_remote = strata::harness::conformance_bins()?.join("ctr-remote");
+    let tmp = common::tempdir();
+    let dir = tmp.path();
+    let mut registry = Registry::start(&dir.join("registry"))?;
+    let mut esgz = Vec::new();
+    {
+        let conv = dir.join("convert");
+        std::fs::create_dir_all(&conv)?;
+        let strata = Strata::start(&common::strata_bin(), &conv, &[])?;
+        let mut cd = Containerd::start(
+            &conv.join("containerd"),
+            &ContainerdSetup {
+                proxy_snapshotters: vec!["strata".into()],
+                strata_socket: Some(strata.socket.clone()),
+                strata_content: true,
+            },
+        )?;
+        for v in [1, 2] {
+            let layout = dir.join(format!("oci-v{v}"));
+            image::app_image(v, FILES, FILE_SIZE)?.write_layout(&layout, "t")?;
+            let plain = registry.push(&layout, "t", &format!("strata/app:v{v}"))?;
+            cd.ctr(&["image", "pull", "--plain-http", &plain])?;
+            let target = format!("{}/strata/app:v{v}-esgz", registry.addr);
+            cd.client(
+                &ctr_remote,
+                &["image", "convert", "--estargz", "--oci", &plain, &target],
+            )?;
+            cd.ctr(&["image", "push", "--plain-http", &target])?;
+            // It is eStargz: the manifest's layers carry the TOC digest.
+            let images = cd.ctr(&["image", "ls"])?;
+            let digest = images
+                .lines()
+                .find(|l| l.starts_with(&target))
+                .and_then(|l| l.split_whitespace().find(|w| w.starts_with("sha256:")))
+                .map(str::to_string)
+                .ok_or_else(|| anyhow::anyhow!("{target} not in {images}"))?;
+            let manifest = cd.ctr(&["content", "get", &digest])?;
+            ensure!(
+                manifest.contains("containerd.io/snapshot/stargz/toc.digest"),
+                "converted manifest has no eStargz TOC: {manifest}"
+            );
+            esgz.push(target);
+        }
+        cd.stop()?;
+        strata.stop()?;
+    }
+
+    let pull_dir = dir.join("pull");
+    std::fs::create_dir_all(&pull_dir)?;
+    let strata = Strata::start(&common::strata_bin(), &pull_dir, &[])?;
+    let mut cd = Containerd::start(
+        &pull_dir.join("containerd"),
+        &ContainerdSetup {
+            proxy_snapshotters: vec!["strata".into()],
+            strata_socket: Some(strata.socket.clone()),
+            strata_content: true,
+        },
+    )?;
+    cd.ctr(&[
+        "image",
+        "pull",
+        "--plain-http",
+        "--snapshotter",
+        "strata",
+        &esgz[0],
+    ])?;
+    let s1 = stats(&strata.root)?;
+    cd.ctr(&[
+        "image",
+        "pull",
+        "--plain-http",
+        "--snapshotter",
+        "strata",
+        &esgz[1],
+    ])?;
+    let s2 = stats(&strata.root)?;
+    let logical = s2.logical_bytes - s1.logical_bytes;
+    let stored = s2.chunk_stored_bytes - s1.chunk_stored_bytes;
+    eprintln!(
+        "eStargz v1: logical {} stored {}; v2 added: logical {logical} bytes, stored {stored} bytes ({:.1}%)",
+        s1.logical_bytes,
+        s1.chunk_stored_bytes,
+        100.0 * stored as f64 / logical as f64
+    );
+    ensure!(
+        logical > (FILES * FILE_SIZE) as u64,
+        "v2 added {logical} logical bytes"
+    );
+    let bound = (2 * FILE_SIZE + 4 * 256 * 1024) as u64;
+    ensure!(
+        stored < bound,
+        "eStargz v2 cost {stored} stored bytes for {logical} logical; expected under {bound}"
+    );
+    let out = cd.ctr(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        "strata",
+        &esgz[1],
+        "esgz-check",
+        "/bin/sha256sum",
+        "/app/f001",
+        "/app/new-in-v2",
+    ])?;
+    for (name, seed) in [("f001", 1u64), ("new-in-v2", 5002)] {
         let want = format!("{:x}", sha2::Sha256::digest(image::noise(seed, FILE_SIZE)));
         ensure!(
             out.contains(&format!("{want}  /app/{name}")),

@@ -289,6 +289,24 @@ pub fn start_refproxy(bin: &Path, dir: &Path) -> Result<(Proc, PathBuf)> {
     Ok((proc, socket))
 }
 
+/// The folder of the conformance kit's reference binaries (`refproxy`,
+/// `stargzd`, `ctr-remote`), built on first use by `run --build-only`.
+/// `CONFORMANCE_RUN` names the kit's `run`; default `../shared/conformance/run`
+/// from the working directory.
+pub fn conformance_bins() -> Result<PathBuf> {
+    let run_script = std::env::var_os("CONFORMANCE_RUN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("../shared/conformance/run"));
+    let out = run(Command::new(&run_script).arg("--build-only"))
+        .with_context(|| format!("building the references with {}", run_script.display()))?;
+    let dir = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .map(|l| PathBuf::from(l.trim()))
+        .context("run --build-only printed no folder")?;
+    Ok(dir)
+}
+
 /// The median latency of a 4 KiB write + fdatasync in `dir`: the floor for
 /// any durable metadata write on this disk.
 pub fn fdatasync_p50(dir: &Path) -> Result<Duration> {
@@ -414,6 +432,19 @@ impl Containerd {
             .args(args))
         .map_err(|e| anyhow::anyhow!("{e}\ncontainerd log:\n{}", self.proc.log_tail()))?;
         Ok(out.stdout)
+    }
+
+    /// Runs another containerd client (`ctr-remote`, ...) as
+    /// `BIN -a SOCKET -n strata ARGS`.
+    pub fn client(&mut self, bin: &Path, args: &[&str]) -> Result<String> {
+        self.proc.check_alive()?;
+        let out = run(Command::new(bin)
+            .arg("-a")
+            .arg(&self.socket)
+            .args(["-n", "strata"])
+            .args(args))
+        .map_err(|e| anyhow::anyhow!("{e}\ncontainerd log:\n{}", self.proc.log_tail()))?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// Stops containerd and the shims it started, and unmounts what is left.
