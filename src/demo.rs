@@ -29,10 +29,9 @@ fn pull_and_run(
     snapshotter: &str,
     strata: Option<&Strata>,
 ) -> Result<(Duration, Duration, String)> {
-    let setup = ContainerdSetup {
-        proxy_snapshotters: vec!["strata".into()],
-        strata_socket: strata.map(|s| s.socket.clone()),
-        strata_content: strata.is_some(),
+    let setup = match strata {
+        Some(s) => ContainerdSetup::strata(&s.socket),
+        None => ContainerdSetup::builtin(),
     };
     let (mut cd, _) = step(&format!("start containerd ({snapshotter})"), || {
         Containerd::start(&dir.join(format!("containerd-{snapshotter}")), &setup)

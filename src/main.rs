@@ -64,7 +64,7 @@ enum Cmd {
     /// Benchmarks, side by side against other implementations in one run.
     Bench {
         #[command(subcommand)]
-        what: BenchCmd,
+        what: strata::bench::cli::BenchCmd,
     },
 }
 
@@ -80,118 +80,6 @@ enum ContentCmd {
         #[arg(long)]
         config: Option<PathBuf>,
     },
-}
-
-#[derive(Subcommand)]
-enum BenchCmd {
-    /// Snapshot ops (Prepare, Mounts, Commit, Stat, Remove) through the proxy
-    /// gRPC API: p50, p99 and throughput, serially and concurrently.
-    Snapshots {
-        /// A target: LABEL=SOCKET:SNAPSHOTTER (repeatable).
-        #[arg(long = "target")]
-        targets: Vec<strata::bench::Target>,
-        /// Start this strata binary's daemon in a temporary root and add it.
-        #[arg(long)]
-        start_strata: bool,
-        /// Start containerd's overlayfs as a proxy plugin from this `refproxy`
-        /// binary (`../shared/conformance/run --build-only` builds it).
-        #[arg(long)]
-        refproxy: Option<PathBuf>,
-        /// Where the started daemons keep their state.
-        #[arg(long, default_value = "/var/tmp")]
-        workdir: PathBuf,
-        /// Snapshots per round and target.
-        #[arg(long, default_value_t = 200)]
-        ops: usize,
-        /// Rounds (alternating between targets).
-        #[arg(long, default_value_t = 3)]
-        rounds: usize,
-        /// Concurrent clients for the concurrent pass (1: serial only).
-        #[arg(long, default_value_t = 16)]
-        concurrency: usize,
-        /// Also write the rows as JSON here.
-        #[arg(long)]
-        json: Option<PathBuf>,
-    },
-    /// Content store: ingest of a large and many small blobs, Read and
-    /// ReaderAt throughput, Info and Status latency.
-    Content {
-        /// A target: LABEL=SOCKET (repeatable).
-        #[arg(long = "target")]
-        targets: Vec<strata::bench::content::ContentTarget>,
-        /// Start this strata binary's daemon in a temporary root and add it.
-        #[arg(long)]
-        start_strata: bool,
-        /// Start containerd's local content store as a proxy plugin from this
-        /// `refproxy` binary.
-        #[arg(long)]
-        refproxy: Option<PathBuf>,
-        /// Where the started daemons keep their state.
-        #[arg(long, default_value = "/var/tmp")]
-        workdir: PathBuf,
-        /// Size of the large blob, MiB.
-        #[arg(long, default_value_t = 128)]
-        large_mib: usize,
-        /// Small blobs (4-64 KiB) per round.
-        #[arg(long, default_value_t = 300)]
-        small: usize,
-        /// Random ReaderAt reads per round.
-        #[arg(long, default_value_t = 300)]
-        reads: usize,
-        /// Rounds (alternating between targets).
-        #[arg(long, default_value_t = 2)]
-        rounds: usize,
-        /// Also write the rows as JSON here.
-        #[arg(long)]
-        json: Option<PathBuf>,
-    },
-}
-
-/// Daemons started for a bench, stopped when dropped.
-struct Started {
-    _tmp: tempfile::TempDir,
-    _procs: Vec<strata::harness::Proc>,
-    /// (label, socket) of each, strata first.
-    sockets: Vec<(String, PathBuf)>,
-}
-
-fn start_daemons(
-    start_strata: bool,
-    refproxy: Option<PathBuf>,
-    workdir: &std::path::Path,
-) -> anyhow::Result<Started> {
-    std::fs::create_dir_all(workdir)?;
-    let tmp = tempfile::Builder::new()
-        .prefix("strata-bench")
-        .tempdir_in(workdir)?;
-    let mut procs = Vec::new();
-    let mut sockets = Vec::new();
-    if start_strata {
-        let me = std::env::current_exe()?;
-        let d = tmp.path().join("strata");
-        std::fs::create_dir_all(&d)?;
-        let s = strata::harness::Strata::start(&me, &d, &[])?;
-        sockets.push(("strata".to_string(), s.socket.clone()));
-        procs.push(s.into_proc());
-    }
-    if let Some(bin) = refproxy {
-        let (p, socket) = strata::harness::start_refproxy(&bin, &tmp.path().join("refproxy"))?;
-        sockets.push(("refproxy".to_string(), socket));
-        procs.push(p);
-    }
-    Ok(Started {
-        _tmp: tmp,
-        _procs: procs,
-        sockets,
-    })
-}
-
-fn write_json(path: Option<PathBuf>, rows: &[strata::bench::OpStats]) -> anyhow::Result<()> {
-    if let Some(p) = path {
-        std::fs::write(&p, serde_json::to_vec_pretty(rows)?)
-            .with_context(|| format!("writing {}", p.display()))?;
-    }
-    Ok(())
 }
 
 fn init_tracing(level: &str) {
@@ -333,80 +221,7 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Bench { what } => {
             init_tracing("warn");
-            match what {
-                BenchCmd::Snapshots {
-                    mut targets,
-                    start_strata,
-                    refproxy,
-                    workdir,
-                    ops,
-                    rounds,
-                    concurrency,
-                    json,
-                } => {
-                    let started = start_daemons(start_strata, refproxy, &workdir)?;
-                    for (i, (label, socket)) in started.sockets.iter().enumerate() {
-                        let snapshotter = if label == "refproxy" {
-                            "overlayfs"
-                        } else {
-                            "strata"
-                        };
-                        targets.insert(
-                            i,
-                            strata::bench::Target {
-                                label: label.clone(),
-                                socket: socket.clone(),
-                                snapshotter: snapshotter.into(),
-                            },
-                        );
-                    }
-                    let fsync = strata::harness::fdatasync_p50(&workdir)?;
-                    let rt = tokio::runtime::Runtime::new()?;
-                    let rows =
-                        rt.block_on(strata::bench::snapshots(&targets, ops, rounds, concurrency))?;
-                    println!(
-                        "fdatasync p50 on {}: {:.0} µs\n",
-                        workdir.display(),
-                        fsync.as_secs_f64() * 1e6
-                    );
-                    print!("{}", strata::bench::table(&rows));
-                    write_json(json, &rows)
-                }
-                BenchCmd::Content {
-                    mut targets,
-                    start_strata,
-                    refproxy,
-                    workdir,
-                    large_mib,
-                    small,
-                    reads,
-                    rounds,
-                    json,
-                } => {
-                    let started = start_daemons(start_strata, refproxy, &workdir)?;
-                    for (i, (label, socket)) in started.sockets.iter().enumerate() {
-                        targets.insert(
-                            i,
-                            strata::bench::content::ContentTarget {
-                                label: label.clone(),
-                                socket: socket.clone(),
-                            },
-                        );
-                    }
-                    let sha = strata::bench::content::sha256_mib_s();
-                    let w = strata::bench::content::ContentWorkload {
-                        large_mib,
-                        small_blobs: small,
-                        random_reads: reads,
-                        rounds,
-                    };
-                    let rt = tokio::runtime::Runtime::new()?;
-                    let rows = rt.block_on(strata::bench::content::run(&targets, &w))?;
-                    println!("single-core SHA-256: {sha:.0} MiB/s (the ceiling for ingest)\n");
-                    print!("{}", strata::bench::table(&rows));
-                    write_json(json, &rows)
-                }
-            }
+            strata::bench::cli::run(what)
         }
     }
 }

@@ -31,11 +31,7 @@ fn containerd_pulls_runs_and_collects_through_strata() -> Result<()> {
     let strata = Strata::start(&common::strata_bin(), dir, &["--log-level", "debug"])?;
     let mut cd = Containerd::start(
         &dir.join("containerd"),
-        &ContainerdSetup {
-            proxy_snapshotters: vec!["strata".into()],
-            strata_socket: Some(strata.socket.clone()),
-            strata_content: true,
-        },
+        &ContainerdSetup::strata(&strata.socket),
     )?;
 
     cd.ctr(&[

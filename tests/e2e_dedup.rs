@@ -40,11 +40,7 @@ fn a_second_version_costs_what_changed() -> Result<()> {
     let strata = Strata::start(&common::strata_bin(), dir, &[])?;
     let mut cd = Containerd::start(
         &dir.join("containerd"),
-        &ContainerdSetup {
-            proxy_snapshotters: vec!["strata".into()],
-            strata_socket: Some(strata.socket.clone()),
-            strata_content: true,
-        },
+        &ContainerdSetup::strata(&strata.socket),
     )?;
     let pull = |cd: &mut Containerd, r: &str| {
         cd.ctr(&[
@@ -125,11 +121,7 @@ fn estargz_versions_dedup_too() -> Result<()> {
         let strata = Strata::start(&common::strata_bin(), &conv, &[])?;
         let mut cd = Containerd::start(
             &conv.join("containerd"),
-            &ContainerdSetup {
-                proxy_snapshotters: vec!["strata".into()],
-                strata_socket: Some(strata.socket.clone()),
-                strata_content: true,
-            },
+            &ContainerdSetup::strata(&strata.socket),
         )?;
         for v in [1, 2] {
             let layout = dir.join(format!("oci-v{v}"));
@@ -166,11 +158,7 @@ fn estargz_versions_dedup_too() -> Result<()> {
     let strata = Strata::start(&common::strata_bin(), &pull_dir, &[])?;
     let mut cd = Containerd::start(
         &pull_dir.join("containerd"),
-        &ContainerdSetup {
-            proxy_snapshotters: vec!["strata".into()],
-            strata_socket: Some(strata.socket.clone()),
-            strata_content: true,
-        },
+        &ContainerdSetup::strata(&strata.socket),
     )?;
     cd.ctr(&[
         "image",

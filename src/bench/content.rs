@@ -47,16 +47,20 @@ pub struct ContentWorkload {
 }
 
 /// Bytes that do not compress (fresh per seed, so no store can dedup them).
-fn noise(seed: u64, len: usize) -> Vec<u8> {
+pub(crate) fn noise(seed: u64, len: usize) -> Vec<u8> {
     crate::harness::image::noise(seed, len)
 }
 
-fn sha(b: &[u8]) -> String {
+pub(crate) fn sha(b: &[u8]) -> String {
     format!("sha256:{:x}", sha2::Sha256::digest(b))
 }
 
 /// Writes and commits `data` in 1 MiB messages; returns the elapsed time.
-async fn ingest(c: &mut ContentClient<Channel>, reference: &str, data: &[u8]) -> Result<Duration> {
+pub(crate) async fn ingest(
+    c: &mut ContentClient<Channel>,
+    reference: &str,
+    data: &[u8],
+) -> Result<Duration> {
     let digest = sha(data);
     let mut msgs = Vec::new();
     let pieces: Vec<&[u8]> = if data.is_empty() {

@@ -7,14 +7,18 @@
 //! This module: snapshot ops, the shared summary and table. [`content`]:
 //! content-store ingest, read and lookup.
 
+pub mod cli;
 pub mod content;
+pub mod machine;
+pub mod pull;
+pub mod scaling;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use strata_proto::snapshots as pb;
 use strata_proto::snapshots::snapshots_client::SnapshotsClient;
 use tonic::transport::Channel;
@@ -49,8 +53,11 @@ impl std::str::FromStr for Target {
 }
 
 /// Latency summary of one op on one target.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct OpStats {
+    /// `snapshots`, `content`, `pull` or `scaling`.
+    #[serde(default)]
+    pub group: String,
     /// Target label.
     pub target: String,
     /// Op name (`prepare`, ...), with `xN` for N concurrent clients.
@@ -61,8 +68,27 @@ pub struct OpStats {
     pub p50_us: f64,
     /// 99th percentile, microseconds.
     pub p99_us: f64,
-    /// Completed ops per second (wall clock).
+    /// Completed ops per second (wall clock); MiB/s on `MiB/s` rows.
     pub ops_per_s: f64,
+    /// More figures of the row (pull: CPU seconds, peak MiB, fetched MiB).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub extra: BTreeMap<String, f64>,
+}
+
+/// A whole run: when, where, the machine's limits, and every row.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Report {
+    /// UTC date and time of the run.
+    pub date: String,
+    /// The command line.
+    pub command: String,
+    /// What the hardware allows.
+    pub machine: machine::Limits,
+    /// Every measured row.
+    pub rows: Vec<OpStats>,
+    /// Scaling series, for the plot.
+    #[serde(default)]
+    pub series: Vec<scaling::Point>,
 }
 
 pub(crate) fn summarize(target: &str, op: &str, mut lat: Vec<Duration>, wall: Duration) -> OpStats {
@@ -75,6 +101,8 @@ pub(crate) fn summarize(target: &str, op: &str, mut lat: Vec<Duration>, wall: Du
         lat[i].as_secs_f64() * 1e6
     };
     OpStats {
+        group: String::new(),
+        extra: BTreeMap::new(),
         target: target.into(),
         op: op.into(),
         n: lat.len(),
@@ -84,19 +112,19 @@ pub(crate) fn summarize(target: &str, op: &str, mut lat: Vec<Duration>, wall: Du
     }
 }
 
-struct Client {
+pub(crate) struct Client {
     c: SnapshotsClient<Channel>,
     sn: String,
 }
 
 impl Client {
-    async fn connect(t: &Target) -> Result<Client> {
+    pub(crate) async fn connect(t: &Target) -> Result<Client> {
         Ok(Client {
             c: crate::client::snapshots(&t.socket).await?,
             sn: t.snapshotter.clone(),
         })
     }
-    async fn prepare(&mut self, key: &str, parent: &str) -> Result<()> {
+    pub(crate) async fn prepare(&mut self, key: &str, parent: &str) -> Result<()> {
         self.c
             .prepare(pb::PrepareSnapshotRequest {
                 snapshotter: self.sn.clone(),
@@ -107,7 +135,7 @@ impl Client {
             .await?;
         Ok(())
     }
-    async fn commit(&mut self, name: &str, key: &str) -> Result<()> {
+    pub(crate) async fn commit(&mut self, name: &str, key: &str) -> Result<()> {
         self.c
             .commit(pb::CommitSnapshotRequest {
                 snapshotter: self.sn.clone(),
@@ -118,7 +146,7 @@ impl Client {
             .await?;
         Ok(())
     }
-    async fn stat(&mut self, key: &str) -> Result<()> {
+    pub(crate) async fn stat(&mut self, key: &str) -> Result<()> {
         self.c
             .stat(pb::StatSnapshotRequest {
                 snapshotter: self.sn.clone(),
@@ -127,7 +155,7 @@ impl Client {
             .await?;
         Ok(())
     }
-    async fn mounts(&mut self, key: &str) -> Result<()> {
+    pub(crate) async fn mounts(&mut self, key: &str) -> Result<()> {
         self.c
             .mounts(pb::MountsRequest {
                 snapshotter: self.sn.clone(),
@@ -136,7 +164,7 @@ impl Client {
             .await?;
         Ok(())
     }
-    async fn remove(&mut self, key: &str) -> Result<()> {
+    pub(crate) async fn remove(&mut self, key: &str) -> Result<()> {
         self.c
             .remove(pb::RemoveSnapshotRequest {
                 snapshotter: self.sn.clone(),
@@ -273,11 +301,73 @@ pub fn table(rows: &[OpStats]) -> String {
                 .get(op)
                 .map(|f| r.p50_us / f.p50_us.max(1e-9))
                 .unwrap_or(1.0);
+            let extra: Vec<String> = r.extra.iter().map(|(k, v)| format!("{k}={v:.2}")).collect();
             out.push_str(&format!(
-                "{:<20} {:<10} {:>7} {:>10.0} {:>10.0} {:>11.0} {:>11.2}x\n",
-                r.op, r.target, r.n, r.p50_us, r.p99_us, r.ops_per_s, ratio
+                "{:<20} {:<10} {:>7} {:>10.0} {:>10.0} {:>11.0} {:>11.2}x  {}\n",
+                r.op,
+                r.target,
+                r.n,
+                r.p50_us,
+                r.p99_us,
+                r.ops_per_s,
+                ratio,
+                extra.join(" ")
             ));
         }
+    }
+    out
+}
+
+/// One row of a comparison of two reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct Change {
+    /// Group, target and op.
+    pub key: String,
+    /// p50 in B over p50 in A.
+    pub p50_ratio: f64,
+    /// Throughput in B over throughput in A.
+    pub throughput_ratio: f64,
+    /// Slower beyond noise.
+    pub regression: bool,
+}
+
+/// Compares report `b` against `a`, row by row. A row regressed when its
+/// p50 grew by more than `threshold` and by more than A's own spread
+/// (p99 over p50), so that noise alone does not flag it.
+pub fn compare(a: &Report, b: &Report, threshold: f64) -> Vec<Change> {
+    let key = |r: &OpStats| format!("{}/{}/{}", r.group, r.target, r.op);
+    let old: HashMap<String, &OpStats> = a.rows.iter().map(|r| (key(r), r)).collect();
+    let mut out = Vec::new();
+    for r in &b.rows {
+        let Some(o) = old.get(&key(r)) else { continue };
+        let p50_ratio = r.p50_us / o.p50_us.max(1e-9);
+        let throughput_ratio = r.ops_per_s / o.ops_per_s.max(1e-9);
+        let noise = ((o.p99_us - o.p50_us) / o.p50_us.max(1e-9)).clamp(0.0, 1.0);
+        let regression = p50_ratio > 1.0 + threshold.max(noise);
+        out.push(Change {
+            key: key(r),
+            p50_ratio,
+            throughput_ratio,
+            regression,
+        });
+    }
+    out
+}
+
+/// The comparison as a table.
+pub fn compare_table(changes: &[Change]) -> String {
+    let mut out = format!(
+        "{:<48} {:>10} {:>12}  verdict\n",
+        "group/target/op", "p50 B÷A", "thrpt B÷A"
+    );
+    for c in changes {
+        out.push_str(&format!(
+            "{:<48} {:>9.2}x {:>11.2}x  {}\n",
+            c.key,
+            c.p50_ratio,
+            c.throughput_ratio,
+            if c.regression { "REGRESSION" } else { "ok" }
+        ));
     }
     out
 }

@@ -289,6 +289,103 @@ pub fn start_refproxy(bin: &Path, dir: &Path) -> Result<(Proc, PathBuf)> {
     Ok((proc, socket))
 }
 
+/// A TCP proxy on 127.0.0.1 in front of `upstream` that counts the bytes
+/// sent back to clients (what a pull fetched). Stops when dropped.
+pub struct CountingProxy {
+    /// `127.0.0.1:PORT` to use instead of the upstream.
+    pub addr: String,
+    down: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl CountingProxy {
+    /// Starts forwarding to `upstream` (`HOST:PORT`).
+    pub fn start(upstream: &str) -> Result<CountingProxy> {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        use std::sync::Arc;
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let addr = listener.local_addr()?.to_string();
+        let down = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (d, st, up) = (down.clone(), stop.clone(), upstream.to_string());
+        std::thread::Builder::new()
+            .name("counting-proxy".into())
+            .spawn(move || {
+                for conn in listener.incoming() {
+                    if st.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let Ok(client) = conn else { continue };
+                    let Ok(server) = TcpStream::connect(&up) else {
+                        continue;
+                    };
+                    let (Ok(mut c2), Ok(mut s2)) = (client.try_clone(), server.try_clone()) else {
+                        continue;
+                    };
+                    let (mut client, mut server) = (client, server);
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut c2, &mut s2);
+                        let _ = s2.shutdown(std::net::Shutdown::Write);
+                    });
+                    let d = d.clone();
+                    std::thread::spawn(move || {
+                        let mut buf = vec![0u8; 256 * 1024];
+                        loop {
+                            match server.read(&mut buf) {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => {
+                                    d.fetch_add(n as u64, Ordering::Relaxed);
+                                    if client.write_all(&buf[..n]).is_err() {
+                                        break;
+                                    }
+                                }
+                            }
+                        }
+                        let _ = client.shutdown(std::net::Shutdown::Write);
+                    });
+                }
+            })?;
+        Ok(CountingProxy { addr, down, stop })
+    }
+
+    /// Bytes sent to clients so far.
+    pub fn bytes_down(&self) -> u64 {
+        self.down.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for CountingProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        // Wake the accept loop so it sees the flag.
+        let _ = TcpStream::connect(&self.addr);
+    }
+}
+
+/// CPU seconds (user + system) and peak resident memory (bytes) of a
+/// process, from /proc.
+pub fn proc_usage(pid: u32) -> Result<(f64, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name, which is in parentheses.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64;
+    // utime and stime are fields 14 and 15; `rest` starts at field 3.
+    let cpu = (ticks(11) + ticks(12)) / hz;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let hwm_kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    Ok((cpu, hwm_kib * 1024))
+}
+
 /// The folder of the conformance kit's reference binaries (`refproxy`,
 /// `stargzd`, `ctr-remote`), built on first use by `run --build-only`.
 /// `CONFORMANCE_RUN` names the kit's `run`; default `../shared/conformance/run`
@@ -331,15 +428,37 @@ pub fn fdatasync_p50(dir: &Path) -> Result<Duration> {
     Ok(lat[lat.len() / 2])
 }
 
-/// How containerd uses strata.
-#[derive(Debug, Clone)]
+/// Which storage a containerd uses: its built-ins, or a proxy daemon's
+/// (strata's, refproxy's, ...) snapshotters and content store.
+#[derive(Debug, Clone, Default)]
 pub struct ContainerdSetup {
-    /// Proxy snapshotters on strata's socket, by name.
+    /// The proxy daemon's socket (None: built-ins only).
+    pub proxy_socket: Option<PathBuf>,
+    /// Snapshotter names containerd registers on that socket.
     pub proxy_snapshotters: Vec<String>,
-    /// strata's socket (None: containerd alone).
-    pub strata_socket: Option<PathBuf>,
-    /// Use strata's content store instead of containerd's built-in one.
-    pub strata_content: bool,
+    /// Use the proxy's content store, with the built-in one disabled.
+    pub proxy_content: bool,
+}
+
+impl ContainerdSetup {
+    /// containerd's built-in overlayfs and content store.
+    pub fn builtin() -> Self {
+        ContainerdSetup::default()
+    }
+
+    /// strata on `socket` as snapshotter `strata` and as content store.
+    pub fn strata(socket: &Path) -> Self {
+        Self::proxy(socket, "strata")
+    }
+
+    /// A proxy daemon on `socket` as snapshotter `name` and content store.
+    pub fn proxy(socket: &Path, name: &str) -> Self {
+        ContainerdSetup {
+            proxy_socket: Some(socket.to_path_buf()),
+            proxy_snapshotters: vec![name.to_string()],
+            proxy_content: true,
+        }
+    }
 }
 
 /// Debian's containerd in a temporary directory, with its own socket.
@@ -372,14 +491,14 @@ impl Containerd {
             state = dir.join("state").display(),
             sock = socket.display(),
         );
-        if let Some(s) = &setup.strata_socket {
-            if setup.strata_content {
+        if let Some(s) = &setup.proxy_socket {
+            if setup.proxy_content {
                 config = config.replace(
                     "disabled_plugins = [\"io.containerd.grpc.v1.cri\"]",
                     "disabled_plugins = [\"io.containerd.grpc.v1.cri\", \"io.containerd.content.v1.content\"]",
                 );
                 config.push_str(&format!(
-                    "[proxy_plugins.\"strata-content\"]\n  type = \"content\"\n  address = \"{}\"\n",
+                    "[proxy_plugins.\"proxy-content\"]\n  type = \"content\"\n  address = \"{}\"\n",
                     s.display()
                 ));
             }
@@ -445,6 +564,11 @@ impl Containerd {
             .args(args))
         .map_err(|e| anyhow::anyhow!("{e}\ncontainerd log:\n{}", self.proc.log_tail()))?;
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// containerd's process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.pid()
     }
 
     /// Stops containerd and the shims it started, and unmounts what is left.

@@ -1,0 +1,192 @@
+//! `strata bench pull`: pull and run an image through a real containerd, once
+//! per configuration, each in fresh temporary directories: containerd's
+//! built-in overlayfs and content store, `refproxy` (the same code served as
+//! proxy plugins), and strata. Reports seconds, bytes fetched from the
+//! registry (through a counting proxy), CPU seconds and peak memory of
+//! containerd plus the storage daemon.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+
+use super::{summarize, OpStats};
+use crate::harness::{self, image, Containerd, ContainerdSetup, CountingProxy, Registry, Strata};
+
+/// A storage configuration of containerd.
+#[derive(Debug, Clone)]
+pub enum Config {
+    /// Built-in overlayfs + local content store.
+    Builtin,
+    /// `refproxy` as snapshotter and content store.
+    Refproxy(PathBuf),
+    /// strata (this binary) as snapshotter and content store.
+    Strata(PathBuf),
+}
+
+impl Config {
+    fn label(&self) -> &'static str {
+        match self {
+            Config::Builtin => "containerd",
+            Config::Refproxy(_) => "refproxy",
+            Config::Strata(_) => "strata",
+        }
+    }
+}
+
+/// The bench image: busybox and `layers` gzip layers of `mib` MiB in all,
+/// half incompressible files and half text-like ones.
+pub fn bench_image(layers: usize, mib: usize) -> Result<image::Image> {
+    let per_layer = (mib << 20) / layers.max(1);
+    let mut all = vec![image::busybox_layer()?];
+    for l in 0..layers {
+        let mut entries = vec![image::Entry::Dir(format!("l{l}"))];
+        let files = 16;
+        for f in 0..files {
+            let size = per_layer / files;
+            let data = if f % 2 == 0 {
+                image::noise((l * 100 + f) as u64, size)
+            } else {
+                format!("layer {l} file {f} ")
+                    .into_bytes()
+                    .into_iter()
+                    .cycle()
+                    .take(size)
+                    .collect()
+            };
+            entries.push(image::Entry::File(format!("l{l}/f{f}"), data, 0o644));
+        }
+        all.push(entries);
+    }
+    Ok(image::Image {
+        layers: all,
+        cmd: vec!["/bin/sh".into(), "-c".into(), "du -s /l0 >/dev/null".into()],
+        uncompressed: false,
+    })
+}
+
+struct One {
+    pull: Duration,
+    run: Duration,
+    fetched: u64,
+    cpu_s: f64,
+    peak: u64,
+}
+
+fn once(cfg: &Config, dir: &Path, proxy: &CountingProxy, reference: &str) -> Result<One> {
+    std::fs::create_dir_all(dir)?;
+    let mut daemon: Option<harness::Proc> = None;
+    let setup = match cfg {
+        Config::Builtin => ContainerdSetup::builtin(),
+        Config::Refproxy(bin) => {
+            let (p, socket) = harness::start_refproxy(bin, &dir.join("refproxy"))?;
+            daemon = Some(p);
+            ContainerdSetup::proxy(&socket, "refproxy")
+        }
+        Config::Strata(bin) => {
+            let s = Strata::start(bin, dir, &[])?;
+            let setup = ContainerdSetup::strata(&s.socket);
+            daemon = Some(s.into_proc());
+            setup
+        }
+    };
+    let snapshotter = match cfg {
+        Config::Builtin => "overlayfs",
+        Config::Refproxy(_) => "refproxy",
+        Config::Strata(_) => "strata",
+    };
+    let mut cd = Containerd::start(&dir.join("containerd"), &setup)?;
+    let before = proxy.bytes_down();
+    let start = Instant::now();
+    cd.ctr(&[
+        "image",
+        "pull",
+        "--plain-http",
+        "--snapshotter",
+        snapshotter,
+        reference,
+    ])?;
+    let pull = start.elapsed();
+    let fetched = proxy.bytes_down() - before;
+    let start = Instant::now();
+    cd.ctr(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        snapshotter,
+        reference,
+        "bench-run",
+    ])?;
+    let run = start.elapsed();
+    let mut cpu_s = 0.0;
+    let mut peak = 0;
+    for pid in [cd.pid(), daemon.as_ref().and_then(|d| d.pid())]
+        .into_iter()
+        .flatten()
+    {
+        let (c, p) = harness::proc_usage(pid)?;
+        cpu_s += c;
+        peak += p;
+    }
+    cd.stop()?;
+    drop(daemon);
+    Ok(One {
+        pull,
+        run,
+        fetched,
+        cpu_s,
+        peak,
+    })
+}
+
+/// Pulls + runs the bench image `rounds` times per configuration,
+/// alternating; one row per configuration for pull and for run.
+pub fn run(configs: &[Config], workdir: &Path, mib: usize, rounds: usize) -> Result<Vec<OpStats>> {
+    std::fs::create_dir_all(workdir)?;
+    let tmp = tempfile::Builder::new()
+        .prefix("strata-bench-pull")
+        .tempdir_in(workdir)?;
+    let mut registry = Registry::start(&tmp.path().join("registry"))?;
+    let img = bench_image(4, mib)?;
+    img.write_layout(&tmp.path().join("oci"), "v1")?;
+    registry.push(&tmp.path().join("oci"), "v1", "bench/pull:v1")?;
+    let proxy = CountingProxy::start(&registry.addr)?;
+    let reference = format!("{}/bench/pull:v1", proxy.addr);
+    let mut results: Vec<Vec<One>> = configs.iter().map(|_| Vec::new()).collect();
+    for r in 0..rounds {
+        for (i, c) in configs.iter().enumerate() {
+            let dir = tmp.path().join(format!("r{r}-{}", c.label()));
+            let one = once(c, &dir, &proxy, &reference)
+                .with_context(|| format!("pull with {}", c.label()))?;
+            results[i].push(one);
+        }
+    }
+    let mut rows = Vec::new();
+    for (c, res) in configs.iter().zip(results) {
+        let n = res.len().max(1) as f64;
+        let mean = |f: &dyn Fn(&One) -> f64| res.iter().map(f).sum::<f64>() / n;
+        let mut extra = BTreeMap::new();
+        extra.insert(
+            "fetched_mib".to_string(),
+            mean(&|o| o.fetched as f64) / (1 << 20) as f64,
+        );
+        extra.insert("cpu_s".to_string(), mean(&|o| o.cpu_s));
+        extra.insert(
+            "peak_mib".to_string(),
+            mean(&|o| o.peak as f64) / (1 << 20) as f64,
+        );
+        let pulls: Vec<Duration> = res.iter().map(|o| o.pull).collect();
+        let runs: Vec<Duration> = res.iter().map(|o| o.run).collect();
+        let total: Duration = pulls.iter().sum();
+        let mut p = summarize(c.label(), "pull+unpack", pulls, total);
+        p.group = "pull".into();
+        p.extra = extra;
+        rows.push(p);
+        let total: Duration = runs.iter().sum();
+        let mut q = summarize(c.label(), "run", runs, total);
+        q.group = "pull".into();
+        rows.push(q);
+    }
+    Ok(rows)
+}
