@@ -48,8 +48,8 @@ fn texty(len: usize) -> Vec<u8> {
         x ^= x >> 7;
         x ^= x << 17;
         out.extend_from_slice(words[(x % 8) as usize].as_bytes());
-        out.push(if x % 11 == 0 { b'\n' } else { b' ' });
-        if x % 5 == 0 {
+        out.push(if x.is_multiple_of(11) { b'\n' } else { b' ' });
+        if x.is_multiple_of(5) {
             out.extend_from_slice(format!("{}", x % 10_000).as_bytes());
         }
     }
