@@ -551,3 +551,42 @@ mod tests {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod volatile_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn volatile_mounts_and_a_durable_commit() -> Result<()> {
+        let d = tempfile::tempdir().map_err(|e| Error::io("tempdir", e))?;
+        let db = crate::meta::tests::open_db(&d.path().join("db"));
+        let s = OverlaySnapshotter::new(
+            MetaStore::open(db, "v")?,
+            OverlayConfig {
+                root: d.path().join("snaps"),
+                index_off: Some(false),
+                userxattr: Some(true),
+                volatile: true,
+                extra_options: vec!["metacopy=off".into()],
+                ..Default::default()
+            },
+        )?;
+        s.prepare("a", "", Labels::new()).await?;
+        s.commit("base", "a", Labels::new()).await?;
+        let m = s.prepare("c", "base", Labels::new()).await?;
+        let o = &m[0].options;
+        assert!(o.contains(&"volatile".to_string()), "{o:?}");
+        assert!(o.contains(&"userxattr".to_string()), "{o:?}");
+        assert!(o.contains(&"metacopy=off".to_string()), "{o:?}");
+        assert!(!o.contains(&"index=off".to_string()), "{o:?}");
+        // Views never get `volatile`: they have no upper dir.
+        let v = s.view("v", "base", Labels::new()).await?;
+        assert_eq!(v[0].kind, "bind");
+        // Commit syncs the layer's filesystem (syncfs) and records usage.
+        std::fs::write(d.path().join("snaps/2/fs/f"), b"data")
+            .map_err(|e| Error::io("write", e))?;
+        s.commit("top", "c", Labels::new()).await?;
+        assert!(s.usage("top").await?.inodes >= 2);
+        Ok(())
+    }
+}
