@@ -276,6 +276,56 @@ fn tag(rows: &mut [super::OpStats], group: &str) {
     }
 }
 
+/// Snapshot-op rows against the started daemons and `extra` targets.
+fn snapshot_rows(
+    rt: &tokio::runtime::Runtime,
+    d: &Daemons,
+    extra: Vec<Target>,
+    (ops, rounds, concurrency): (usize, usize, usize),
+) -> Result<Vec<super::OpStats>> {
+    let s = start(d)?;
+    let mut rows = rt.block_on(super::snapshots(
+        &snapshot_targets(&s, extra),
+        ops,
+        rounds,
+        concurrency,
+    ))?;
+    tag(&mut rows, "snapshots");
+    Ok(rows)
+}
+
+/// Content rows against the started daemons and `extra` targets.
+fn content_rows(
+    rt: &tokio::runtime::Runtime,
+    d: &Daemons,
+    extra: Vec<ContentTarget>,
+    w: &ContentWorkload,
+) -> Result<Vec<super::OpStats>> {
+    let s = start(d)?;
+    let mut rows = rt.block_on(super::content::run(&content_targets(&s, extra), w))?;
+    tag(&mut rows, "content");
+    Ok(rows)
+}
+
+/// Scaling rows and series against freshly started daemons.
+fn scaling_rows(
+    rt: &tokio::runtime::Runtime,
+    d: &Daemons,
+    quick: bool,
+) -> Result<(Vec<super::OpStats>, Vec<scaling::Point>)> {
+    let s = start(d)?;
+    let sizes = if quick {
+        scaling::Sizes::quick()
+    } else {
+        scaling::Sizes::full()
+    };
+    rt.block_on(scaling::run(
+        &snapshot_targets(&s, vec![]),
+        &content_targets(&s, vec![]),
+        &sizes,
+    ))
+}
+
 /// Runs a `strata bench` subcommand.
 pub fn run(cmd: BenchCmd) -> Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
@@ -287,11 +337,8 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
             rounds,
             concurrency,
         } => {
-            let s = start(&daemons)?;
-            let t = snapshot_targets(&s, targets);
             let mut r = report(&daemons.workdir, 64)?;
-            r.rows = rt.block_on(super::snapshots(&t, ops, rounds, concurrency))?;
-            tag(&mut r.rows, "snapshots");
+            r.rows = snapshot_rows(&rt, &daemons, targets, (ops, rounds, concurrency))?;
             finish(&r, &daemons.json)
         }
         BenchCmd::Content {
@@ -302,8 +349,6 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
             reads,
             rounds,
         } => {
-            let s = start(&daemons)?;
-            let t = content_targets(&s, targets);
             let mut r = report(&daemons.workdir, 64)?;
             let w = ContentWorkload {
                 large_mib,
@@ -311,8 +356,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
                 random_reads: reads,
                 rounds,
             };
-            r.rows = rt.block_on(super::content::run(&t, &w))?;
-            tag(&mut r.rows, "content");
+            r.rows = content_rows(&rt, &daemons, targets, &w)?;
             finish(&r, &daemons.json)
         }
         BenchCmd::Pull {
@@ -329,20 +373,8 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
             quick,
             svg,
         } => {
-            let s = start(&daemons)?;
             let mut r = report(&daemons.workdir, 64)?;
-            let sizes = if quick {
-                scaling::Sizes::quick()
-            } else {
-                scaling::Sizes::full()
-            };
-            let (rows, series) = rt.block_on(scaling::run(
-                &snapshot_targets(&s, vec![]),
-                &content_targets(&s, vec![]),
-                &sizes,
-            ))?;
-            r.rows = rows;
-            r.series = series;
+            (r.rows, r.series) = scaling_rows(&rt, &daemons, quick)?;
             scaling::plot(&r.series, &svg)?;
             finish(&r, &daemons.json)?;
             println!("plot written to {}", svg.display());
@@ -361,40 +393,24 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
             let mut daemons = daemons;
             daemons.start_strata = true;
             let mut r = report(&daemons.workdir, if quick { 64 } else { 256 })?;
-            {
-                let s = start(&daemons)?;
-                let (ops, rounds) = if quick { (100, 1) } else { (200, 3) };
-                let mut rows = rt.block_on(super::snapshots(
-                    &snapshot_targets(&s, vec![]),
-                    ops,
-                    rounds,
-                    16,
-                ))?;
-                tag(&mut rows, "snapshots");
-                r.rows.extend(rows);
-            }
-            {
-                let s = start(&daemons)?;
-                let w = if quick {
-                    ContentWorkload {
-                        large_mib: 32,
-                        small_blobs: 100,
-                        random_reads: 100,
-                        rounds: 1,
-                    }
-                } else {
-                    ContentWorkload {
-                        large_mib: 128,
-                        small_blobs: 300,
-                        random_reads: 300,
-                        rounds: 2,
-                    }
-                };
-                let mut rows =
-                    rt.block_on(super::content::run(&content_targets(&s, vec![]), &w))?;
-                tag(&mut rows, "content");
-                r.rows.extend(rows);
-            }
+            let snaps = if quick { (100, 1, 16) } else { (200, 3, 16) };
+            r.rows.extend(snapshot_rows(&rt, &daemons, vec![], snaps)?);
+            let w = if quick {
+                ContentWorkload {
+                    large_mib: 32,
+                    small_blobs: 100,
+                    random_reads: 100,
+                    rounds: 1,
+                }
+            } else {
+                ContentWorkload {
+                    large_mib: 128,
+                    small_blobs: 300,
+                    random_reads: 300,
+                    rounds: 2,
+                }
+            };
+            r.rows.extend(content_rows(&rt, &daemons, vec![], &w)?);
             let (mib, rounds) = if quick { (16, 1) } else { (128, 3) };
             r.rows.extend(pull::run(
                 &pull_configs(&daemons)?,
@@ -402,21 +418,9 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
                 mib,
                 rounds,
             )?);
-            {
-                let s = start(&daemons)?;
-                let sizes = if quick {
-                    scaling::Sizes::quick()
-                } else {
-                    scaling::Sizes::full()
-                };
-                let (rows, series) = rt.block_on(scaling::run(
-                    &snapshot_targets(&s, vec![]),
-                    &content_targets(&s, vec![]),
-                    &sizes,
-                ))?;
-                r.rows.extend(rows);
-                r.series = series;
-            }
+            let (rows, series) = scaling_rows(&rt, &daemons, quick)?;
+            r.rows.extend(rows);
+            r.series = series;
             scaling::plot(&r.series, &svg)?;
             finish(&r, &daemons.json)?;
             println!("plot written to {}", svg.display());
