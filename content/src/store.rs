@@ -411,14 +411,16 @@ impl Inner {
         Ok(())
     }
 
-    fn blob(&self, digest: &str) -> Result<Option<BlobRecord>> {
-        match self
-            .db
-            .get_pinned_cf(self.cf(schema::CF_BLOB)?, digest.as_bytes())?
-        {
-            Some(v) => Ok(Some(schema::decode(digest, &v)?)),
+    /// A record of column family `cf`, decoded.
+    fn get<M: prost::Message + Default>(&self, cf: &str, key: &[u8]) -> Result<Option<M>> {
+        match self.db.get_pinned_cf(self.cf(cf)?, key)? {
+            Some(v) => Ok(Some(schema::decode(&String::from_utf8_lossy(key), &v)?)),
             None => Ok(None),
         }
+    }
+
+    fn blob(&self, digest: &str) -> Result<Option<BlobRecord>> {
+        self.get(schema::CF_BLOB, digest.as_bytes())
     }
 
     fn info_of(digest: String, r: &BlobRecord) -> Info {
@@ -531,10 +533,7 @@ impl Inner {
     }
 
     fn chunk_loc(&self, id: &[u8]) -> Result<Option<ChunkLoc>> {
-        match self.db.get_pinned_cf(self.cf(schema::CF_CHUNK)?, id)? {
-            Some(v) => Ok(Some(schema::decode("chunk", &v)?)),
-            None => Ok(None),
-        }
+        self.get(schema::CF_CHUNK, id)
     }
 
     /// Bytes `[from, to)` of a chunk's original bytes: a raw chunk is read
@@ -643,13 +642,7 @@ impl Inner {
     }
 
     fn ingest_record(&self, reference: &str) -> Result<Option<IngestRecord>> {
-        match self
-            .db
-            .get_pinned_cf(self.cf(schema::CF_INGEST)?, reference.as_bytes())?
-        {
-            Some(v) => Ok(Some(schema::decode(reference, &v)?)),
-            None => Ok(None),
-        }
+        self.get(schema::CF_INGEST, reference.as_bytes())
     }
 
     fn status_of(&self, reference: &str, r: &IngestRecord) -> Status {
