@@ -144,6 +144,11 @@ impl Session {
                     let labels: BTreeMap<String, String> = req.labels.into_iter().collect();
                     self.writer.commit(self.total, &self.expected, labels)?;
                 }
+                // Every answer carries the running digest: containerd's
+                // clients read Writer.Digest() after a Commit that returned
+                // AlreadyExists (stargz-snapshotter's converter does), and
+                // that answer is an error, so the last Write answer is all
+                // they have. Hashing lazily broke `ctr-remote image convert`.
                 msg.digest = self.writer.digest();
             }
             Err(_) => {
