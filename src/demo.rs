@@ -37,27 +37,11 @@ fn pull_and_run(
         Containerd::start(&dir.join(format!("containerd-{snapshotter}")), &setup)
     })?;
     let (_, pull) = step(&format!("pull + unpack with {snapshotter}"), || {
-        cd.ctr(&[
-            "image",
-            "pull",
-            "--plain-http",
-            "--snapshotter",
-            snapshotter,
-            reference,
-        ])
+        cd.pull(snapshotter, reference)
     })?;
     let (out, run) = step(
         &format!("run a container with {snapshotter} (runc)"),
-        || {
-            cd.ctr(&[
-                "run",
-                "--rm",
-                "--snapshotter",
-                snapshotter,
-                reference,
-                "demo",
-            ])
-        },
+        || cd.run(snapshotter, reference, "demo", &[]),
     )?;
     if strata.is_some() {
         let snaps = cd.ctr(&["snapshots", "--snapshotter", snapshotter, "ls"])?;

@@ -34,14 +34,7 @@ fn containerd_pulls_runs_and_collects_through_strata() -> Result<()> {
         &ContainerdSetup::strata(&strata.socket),
     )?;
 
-    cd.ctr(&[
-        "image",
-        "pull",
-        "--plain-http",
-        "--snapshotter",
-        "strata",
-        &reference,
-    ])?;
+    cd.pull("strata", &reference)?;
     // The blobs came through strata's content store: containerd reads them back.
     let blobs = cd.ctr(&["content", "ls", "-q"])?;
     ensure!(
@@ -61,14 +54,7 @@ fn containerd_pulls_runs_and_collects_through_strata() -> Result<()> {
         "after the pull strata should hold the 3 layers, committed: {snaps:#?}"
     );
 
-    let out = cd.ctr(&[
-        "run",
-        "--rm",
-        "--snapshotter",
-        "strata",
-        &reference,
-        "e2e-run",
-    ])?;
+    let out = cd.run("strata", &reference, "e2e-run", &[])?;
     let listed: Vec<&str> = out.lines().take_while(|l| !l.contains(' ')).collect();
     ensure!(
         listed == ["added.txt", "dir", "kept.txt", "overwritten.txt"],
@@ -88,32 +74,26 @@ fn containerd_pulls_runs_and_collects_through_strata() -> Result<()> {
     );
 
     // A container's writes land in its own active snapshot, not in the image.
-    let out = cd.ctr(&[
-        "run",
-        "--rm",
-        "--snapshotter",
+    let out = cd.run(
         "strata",
         &reference,
         "e2e-write",
-        "/bin/sh",
-        "-c",
-        "echo scribble > /data/kept.txt; rm /data/added.txt; cat /data/kept.txt; ls /data",
-    ])?;
+        &[
+            "/bin/sh",
+            "-c",
+            "echo scribble > /data/kept.txt; rm /data/added.txt; cat /data/kept.txt; ls /data",
+        ],
+    )?;
     ensure!(
         out.starts_with("scribble\n") && !out.contains("added.txt"),
         "{out}"
     );
-    let out = cd.ctr(&[
-        "run",
-        "--rm",
-        "--snapshotter",
+    let out = cd.run(
         "strata",
         &reference,
         "e2e-again",
-        "/bin/cat",
-        "/data/kept.txt",
-        "/data/added.txt",
-    ])?;
+        &["/bin/cat", "/data/kept.txt", "/data/added.txt"],
+    )?;
     ensure!(
         out == "kept from layer 2\nadded in layer 3\n",
         "image changed by a container: {out}"

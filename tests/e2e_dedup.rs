@@ -39,19 +39,9 @@ fn pull_both_and_measure(
         &dir.join("containerd"),
         &ContainerdSetup::strata(&strata.socket),
     )?;
-    let pull = |cd: &mut Containerd, r: &str| {
-        cd.ctr(&[
-            "image",
-            "pull",
-            "--plain-http",
-            "--snapshotter",
-            "strata",
-            r,
-        ])
-    };
-    pull(&mut cd, &refs[0])?;
+    cd.pull("strata", &refs[0])?;
     let s1 = stats(&strata.root)?;
-    pull(&mut cd, &refs[1])?;
+    cd.pull("strata", &refs[1])?;
     let s2 = stats(&strata.root)?;
     let logical = s2.logical_bytes - s1.logical_bytes;
     let stored = s2.chunk_stored_bytes - s1.chunk_stored_bytes;
@@ -72,18 +62,12 @@ fn pull_both_and_measure(
         "{what}: v2 cost {stored} stored bytes for {logical} logical; expected under {bound}"
     );
     // And the bytes are right: a container of v2 sees v1's shared files intact.
-    let out = cd.ctr(&[
-        "run",
-        "--rm",
-        "--snapshotter",
+    let out = cd.run(
         "strata",
         &refs[1],
         "dedup-check",
-        "/bin/sha256sum",
-        "/app/f001",
-        "/app/f023",
-        "/app/new-in-v2",
-    ])?;
+        &["/bin/sha256sum", "/app/f001", "/app/f023", "/app/new-in-v2"],
+    )?;
     for (name, seed) in [("f001", 1u64), ("f023", 23), ("new-in-v2", 5002)] {
         let want = format!("{:x}", sha2::Sha256::digest(image::noise(seed, FILE_SIZE)));
         ensure!(

@@ -836,17 +836,11 @@ impl Inner {
 
     fn stats(&self) -> Result<Stats> {
         let mut s = Stats::default();
-        let mut ro = ReadOptions::default();
-        ro.fill_cache(false);
-        for item in self
-            .db
-            .iterator_cf_opt(self.cf(schema::CF_BLOB)?, ro, IteratorMode::Start)
-        {
-            let (k, v) = item?;
-            let r: BlobRecord = schema::decode(&String::from_utf8_lossy(&k), &v)?;
+        self.walk(&Filter::default(), |info| {
             s.blobs += 1;
-            s.logical_bytes += r.size as u64;
-        }
+            s.logical_bytes += info.size as u64;
+            true
+        })?;
         for (_, loc, refs) in self.all_chunks()? {
             if refs > 0 {
                 s.chunks += 1;

@@ -203,11 +203,15 @@ impl Inner {
     }
 
     fn info(&self, name: String, rec: &Record) -> Info {
-        let mut info = rec.info(name);
+        self.labelled(rec.info(name), rec.id)
+    }
+
+    /// Adds [`UPPERDIR_LABEL`] when configured (reported, never stored).
+    fn labelled(&self, mut info: Info, id: u64) -> Info {
         if self.upperdir_label {
             info.labels.insert(
                 UPPERDIR_LABEL.to_string(),
-                self.upper(rec.id).to_string_lossy().into_owned(),
+                self.upper(id).to_string_lossy().into_owned(),
             );
         }
         info
@@ -449,11 +453,7 @@ impl Snapshotter for OverlaySnapshotter {
                     if !filter.matches(&info) {
                         return true;
                     }
-                    let info = if s.upperdir_label {
-                        s.info(info.name, &rec)
-                    } else {
-                        info
-                    };
+                    let info = s.labelled(info, rec.id);
                     emit(info, &mut batch)
                 })?;
             }

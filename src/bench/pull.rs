@@ -99,25 +99,11 @@ fn once(cfg: &Config, dir: &Path, proxy: &CountingProxy, reference: &str) -> Res
     let mut cd = Containerd::start(&dir.join("containerd"), &setup)?;
     let before = proxy.bytes_down();
     let start = Instant::now();
-    cd.ctr(&[
-        "image",
-        "pull",
-        "--plain-http",
-        "--snapshotter",
-        snapshotter,
-        reference,
-    ])?;
+    cd.pull(snapshotter, reference)?;
     let pull = start.elapsed();
     let fetched = proxy.bytes_down() - before;
     let start = Instant::now();
-    cd.ctr(&[
-        "run",
-        "--rm",
-        "--snapshotter",
-        snapshotter,
-        reference,
-        "bench-run",
-    ])?;
+    cd.run(snapshotter, reference, "bench-run", &[])?;
     let run = start.elapsed();
     let mut cpu_s = 0.0;
     let mut peak = 0;

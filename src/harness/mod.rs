@@ -541,6 +541,32 @@ impl Containerd {
         Ok(String::from_utf8_lossy(&self.ctr_bytes(args)?).into_owned())
     }
 
+    /// `ctr image pull --plain-http --snapshotter SNAPSHOTTER REFERENCE`.
+    pub fn pull(&mut self, snapshotter: &str, reference: &str) -> Result<String> {
+        self.ctr(&[
+            "image",
+            "pull",
+            "--plain-http",
+            "--snapshotter",
+            snapshotter,
+            reference,
+        ])
+    }
+
+    /// `ctr run --rm --snapshotter SNAPSHOTTER REFERENCE ID [ARGS...]`: runs a
+    /// container with runc and returns what it printed.
+    pub fn run(
+        &mut self,
+        snapshotter: &str,
+        reference: &str,
+        id: &str,
+        args: &[&str],
+    ) -> Result<String> {
+        let mut a = vec!["run", "--rm", "--snapshotter", snapshotter, reference, id];
+        a.extend_from_slice(args);
+        self.ctr(&a)
+    }
+
     /// [`Containerd::ctr`], with stdout as bytes.
     pub fn ctr_bytes(&mut self, args: &[&str]) -> Result<Vec<u8>> {
         self.proc.check_alive()?;
