@@ -5,6 +5,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use hyper_util::rt::TokioIo;
+use sha2::Digest;
+use strata_proto::content as cpb;
+use strata_proto::content::content_client::ContentClient;
 use strata_proto::snapshots::snapshots_client::SnapshotsClient;
 use tonic::transport::{Channel, Endpoint, Uri};
 
@@ -28,4 +31,59 @@ pub async fn connect(socket: &Path) -> anyhow::Result<Channel> {
 /// A snapshots client on `socket`.
 pub async fn snapshots(socket: &Path) -> anyhow::Result<SnapshotsClient<Channel>> {
     Ok(SnapshotsClient::new(connect(socket).await?))
+}
+
+/// A content client on `socket`.
+pub async fn content(socket: &Path) -> anyhow::Result<ContentClient<Channel>> {
+    Ok(ContentClient::new(connect(socket).await?))
+}
+
+/// Writes `data` under `reference` in 1 MiB messages and commits it with its
+/// digest, as containerd's content client does; returns the digest.
+pub async fn put_blob(
+    c: &mut ContentClient<Channel>,
+    reference: &str,
+    data: &[u8],
+) -> anyhow::Result<String> {
+    let digest = format!("sha256:{:x}", sha2::Sha256::digest(data));
+    let pieces: Vec<&[u8]> = if data.is_empty() {
+        vec![&[]]
+    } else {
+        data.chunks(1 << 20).collect()
+    };
+    let last = pieces.len() - 1;
+    let mut msgs = Vec::with_capacity(pieces.len());
+    let mut off = 0i64;
+    for (i, p) in pieces.into_iter().enumerate() {
+        msgs.push(cpb::WriteContentRequest {
+            action: if i == last {
+                cpb::WriteAction::Commit
+            } else {
+                cpb::WriteAction::Write
+            } as i32,
+            r#ref: reference.into(),
+            total: data.len() as i64,
+            expected: if i == 0 || i == last {
+                digest.clone()
+            } else {
+                String::new()
+            },
+            offset: off,
+            data: p.to_vec(),
+            labels: Default::default(),
+        });
+        off += p.len() as i64;
+    }
+    let mut responses = c.write(tokio_stream::iter(msgs)).await?.into_inner();
+    let mut committed = None;
+    while let Some(r) = responses.message().await? {
+        if r.action == cpb::WriteAction::Commit as i32 {
+            committed = Some(r.digest);
+        }
+    }
+    anyhow::ensure!(
+        committed.as_deref() == Some(digest.as_str()),
+        "commit of {reference} returned {committed:?}, wanted {digest}"
+    );
+    Ok(digest)
 }

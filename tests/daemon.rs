@@ -286,3 +286,126 @@ async fn content_ingest_resumes_after_sigkill() -> Result<()> {
     strata.stop()?;
     Ok(())
 }
+
+/// strata's state is readable by root alone, whatever umask it was started
+/// with; containerd reaches the socket (0660), nobody else does; a root left
+/// open by an older strata is closed at start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_and_socket_are_private_whatever_the_umask() -> Result<()> {
+    use nix::sys::stat::{umask, Mode};
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    common::require_root();
+    let tmp = common::tempdir();
+    let dir = tmp.path();
+    let mode = |p: &std::path::Path| -> Result<u32> {
+        Ok(std::fs::symlink_metadata(p)?.permissions().mode() & 0o7777)
+    };
+    let check = |strata: &Strata| -> Result<()> {
+        ensure!(
+            mode(&strata.root)? == 0o700,
+            "root is {:o}",
+            mode(&strata.root)?
+        );
+        let sock = std::fs::symlink_metadata(&strata.socket)?;
+        ensure!(sock.file_type().is_socket());
+        ensure!(
+            mode(&strata.socket)? == 0o660,
+            "socket is {:o}",
+            mode(&strata.socket)?
+        );
+        // Below the root, nothing the content store keeps is open to others.
+        let mut stack = vec![strata.root.join("content")];
+        let mut seen = 0;
+        while let Some(p) = stack.pop() {
+            ensure!(mode(&p)? & 0o077 == 0, "{} is {:o}", p.display(), mode(&p)?);
+            seen += 1;
+            if p.is_dir() {
+                for e in std::fs::read_dir(&p)? {
+                    stack.push(e?.path());
+                }
+            }
+        }
+        ensure!(seen >= 4, "only {seen} entries under content/");
+        Ok(())
+    };
+
+    let old = umask(Mode::empty());
+    let started = Strata::start(&common::strata_bin(), dir, &[]);
+    umask(old);
+    let strata = started?;
+    let mut c = strata::client::content(&strata.socket).await?;
+    strata::client::put_blob(&mut c, "blob-1", &strata::harness::image::noise(5, 300_000)).await?;
+    check(&strata)?;
+    strata.stop()?;
+
+    // An existing root that others can read is closed at the next start.
+    std::fs::set_permissions(
+        dir.join("strata-root"),
+        std::fs::Permissions::from_mode(0o755),
+    )?;
+    let strata = Strata::start(&common::strata_bin(), dir, &[])?;
+    check(&strata)?;
+    strata.stop()?;
+    Ok(())
+}
+
+/// `strata content stats` and `strata fsck` find the state where the
+/// config's `root` says, and `--root` overrides it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_tools_take_the_root_from_the_config() -> Result<()> {
+    common::require_root();
+    let tmp = common::tempdir();
+    let dir = tmp.path();
+    let root = dir.join("state");
+    let config = dir.join("strata.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "root = {:?}\naddress = {:?}\n",
+            root.display().to_string(),
+            dir.join("s.sock").display().to_string()
+        ),
+    )?;
+    let mut cmd = std::process::Command::new(common::strata_bin());
+    cmd.arg("serve").arg("--config").arg(&config);
+    let mut proc = strata::harness::Proc::spawn("strata serve", cmd, dir.join("serve.log"))?;
+    let sock = dir.join("s.sock");
+    strata::harness::wait_for(
+        &mut proc,
+        "strata serve",
+        std::time::Duration::from_secs(60),
+        || std::os::unix::net::UnixStream::connect(&sock).is_ok(),
+    )?;
+    let mut c = strata::client::content(&sock).await?;
+    strata::client::put_blob(&mut c, "b", b"hello from the config's root").await?;
+    drop(c);
+    ensure!(proc.stop()?, "strata did not stop on SIGTERM");
+
+    let run = |args: &[&str]| -> Result<String> {
+        let out =
+            strata::harness::run(std::process::Command::new(common::strata_bin()).args(args))?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let cfg = config.display().to_string();
+    let stats = run(&["content", "stats", "--config", &cfg])?;
+    ensure!(
+        stats
+            .lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["blobs", "1"]),
+        "{stats}"
+    );
+    let fsck = run(&["fsck", "--config", &cfg])?;
+    ensure!(fsck.contains("1 blob"), "{fsck}");
+    // --root wins over the config: an empty root has no database.
+    let empty = dir.join("empty");
+    let e = strata::harness::run(std::process::Command::new(common::strata_bin()).args([
+        "content",
+        "stats",
+        "--config",
+        &cfg,
+        "--root",
+        &empty.display().to_string(),
+    ]));
+    ensure!(e.is_err(), "stats of an empty root succeeded: {e:?}");
+    Ok(())
+}

@@ -1,61 +1,13 @@
 //! The content store driven directly (no gRPC): byte-exact reads, dedup,
 //! compression, failed commits, resume across a restart, compaction, fsck.
 
+mod common;
+
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
-use rocksdb::DB;
-use sha2::{Digest, Sha256};
+use common::{digest, noise, open, put, R};
 use strata_content::store::read_all;
-use strata_content::{ContentConfig, ContentStore, Error};
-
-type R = Result<(), Box<dyn std::error::Error>>;
-
-fn open_db(dir: &std::path::Path) -> Arc<DB> {
-    let mut o = rocksdb::Options::default();
-    o.create_if_missing(true);
-    o.create_missing_column_families(true);
-    let cache = rocksdb::Cache::new_lru_cache(8 << 20);
-    Arc::new(
-        DB::open_cf_descriptors(
-            &o,
-            dir.join("db"),
-            strata_content::schema::column_families(&cache),
-        )
-        .expect("open db"),
-    )
-}
-
-fn open(dir: &std::path::Path) -> ContentStore {
-    let mut cfg = ContentConfig::new(dir.join("content"));
-    cfg.pack_max_bytes = 4 << 20;
-    ContentStore::open(open_db(dir), cfg, true).expect("open store")
-}
-
-/// Incompressible bytes from a seed (xorshift).
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
-}
-
-fn digest(b: &[u8]) -> String {
-    format!("sha256:{:x}", Sha256::digest(b))
-}
-
-fn put(s: &ContentStore, reference: &str, data: &[u8]) -> Result<String, Error> {
-    let mut w = s.writer(reference, data.len() as i64, "")?;
-    for piece in data.chunks(100_000) {
-        w.write(piece)?;
-    }
-    w.commit(data.len() as i64, &digest(data), BTreeMap::new())
-}
+use strata_content::Error;
 
 #[test]
 fn reads_are_byte_exact_at_any_offset() -> R {

@@ -472,4 +472,34 @@ pub(crate) mod tests {
         assert!(n.id > child.id);
         Ok(())
     }
+
+    #[test]
+    fn an_id_taken_by_a_crashed_create_is_never_handed_out_again() -> Result<()> {
+        let d = tempfile::tempdir().map_err(|e| Error::io("tempdir", e))?;
+        let db = open_db(d.path());
+        let mut seen = HashSet::new();
+        for round in 0..3 {
+            // A Prepare takes an id and makes its directory, then the daemon
+            // dies before the record is written.
+            let m = MetaStore::open(db.clone(), "strata")?;
+            let crashed = m.begin_create(Kind::Active, "k", "", Labels::new())?;
+            let id = crashed.record().id;
+            assert!(seen.insert(id), "round {round}: id {id} handed out twice");
+            drop(crashed);
+            drop(m);
+        }
+        // And after a create that did finish, too.
+        let m = MetaStore::open(db.clone(), "strata")?;
+        let done = create(&m, Kind::Active, "k", "")?;
+        assert!(seen.insert(done.id), "id {} handed out twice", done.id);
+        drop(m);
+        let m = MetaStore::open(db, "strata")?;
+        let p = m.begin_create(Kind::Active, "k2", "", Labels::new())?;
+        assert!(
+            seen.insert(p.record().id),
+            "id {} handed out twice",
+            p.record().id
+        );
+        Ok(())
+    }
 }

@@ -602,6 +602,81 @@ mod walk_tests {
 }
 
 #[cfg(test)]
+mod crash_tests {
+    use super::*;
+
+    fn open(dir: &Path, db: &Arc<rocksdb::DB>) -> Result<OverlaySnapshotter> {
+        OverlaySnapshotter::new(
+            MetaStore::open(db.clone(), "strata")?,
+            OverlayConfig {
+                root: dir.join("snaps"),
+                index_off: Some(true),
+                userxattr: Some(false),
+                ..Default::default()
+            },
+        )
+    }
+
+    #[tokio::test]
+    async fn a_prepare_after_a_crashed_one_gets_a_fresh_directory() -> Result<()> {
+        let d = tempfile::tempdir().map_err(|e| Error::io("tempdir", e))?;
+        let db = crate::meta::tests::open_db(&d.path().join("db"));
+        let s = open(d.path(), &db)?;
+        s.prepare("a", "", Labels::new()).await?;
+        drop(s);
+        // A Prepare took the next id and filled its directory (an unpack under
+        // way, say); the daemon died before the record was written.
+        let meta = MetaStore::open(db.clone(), "strata")?;
+        let pending = meta.begin_create(Kind::Active, "b", "", Labels::new())?;
+        let orphan = d.path().join(format!("snaps/{}/fs", pending.record().id));
+        drop(pending);
+        drop(meta);
+        std::fs::create_dir_all(&orphan).map_err(|e| Error::io("mkdir", e))?;
+        std::fs::write(orphan.join("secret"), b"half-made").map_err(|e| Error::io("write", e))?;
+        // Restart: Prepare at once, racing start-up's clean-up.
+        let s = open(d.path(), &db)?;
+        let m = s.prepare("b", "", Labels::new()).await?;
+        let upper = PathBuf::from(&m[0].source);
+        assert_ne!(
+            upper, orphan,
+            "the crashed Prepare's id was handed out again"
+        );
+        assert!(!upper.join("secret").exists());
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn walk_reports_a_damaged_record() -> Result<()> {
+        let d = tempfile::tempdir().map_err(|e| Error::io("tempdir", e))?;
+        let db = crate::meta::tests::open_db(&d.path().join("db"));
+        let s = open(d.path(), &db)?;
+        s.prepare("a", "", Labels::new()).await?;
+        s.commit("base", "a", Labels::new()).await?;
+        s.view("child", "base", Labels::new()).await?;
+        let cf = db
+            .cf_handle(crate::schema::CF_BY_KEY)
+            .ok_or_else(|| Error::Internal("no cf".into()))?;
+        db.put_cf(
+            cf,
+            crate::schema::Keys::new("strata").snapshot("child"),
+            [9u8, 9, 9],
+        )?;
+        for filter in [&["parent==base"][..], &[]] {
+            let f = strata_proto::filters::Filter::parse_all(filter).expect("filter");
+            let (tx, mut rx) = mpsc::channel(4);
+            let w = tokio::spawn({
+                let s = s.clone();
+                async move { s.walk(f, tx).await }
+            });
+            while rx.recv().await.is_some() {}
+            let r = w.await.map_err(Error::from)?;
+            assert!(matches!(r, Err(Error::Corrupt { .. })), "{filter:?}: {r:?}");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
 mod volatile_tests {
     use super::*;
 

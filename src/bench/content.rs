@@ -61,49 +61,9 @@ pub(crate) async fn ingest(
     reference: &str,
     data: &[u8],
 ) -> Result<Duration> {
-    let digest = sha(data);
-    let mut msgs = Vec::new();
-    let pieces: Vec<&[u8]> = if data.is_empty() {
-        vec![&[]]
-    } else {
-        data.chunks(1 << 20).collect()
-    };
-    let last = pieces.len() - 1;
-    let mut off = 0i64;
-    for (i, p) in pieces.into_iter().enumerate() {
-        msgs.push(pb::WriteContentRequest {
-            action: if i == last {
-                pb::WriteAction::Commit
-            } else {
-                pb::WriteAction::Write
-            } as i32,
-            r#ref: reference.into(),
-            total: data.len() as i64,
-            expected: if i == 0 || i == last {
-                digest.clone()
-            } else {
-                String::new()
-            },
-            offset: off,
-            data: p.to_vec(),
-            labels: HashMap::new(),
-        });
-        off += p.len() as i64;
-    }
     let start = Instant::now();
-    let mut responses = c.write(tokio_stream::iter(msgs)).await?.into_inner();
-    let mut committed = None;
-    while let Some(r) = responses.message().await? {
-        if r.action == pb::WriteAction::Commit as i32 {
-            committed = Some(r.digest);
-        }
-    }
-    let took = start.elapsed();
-    ensure!(
-        committed.as_deref() == Some(digest.as_str()),
-        "commit of {reference} returned {committed:?}"
-    );
-    Ok(took)
+    crate::client::put_blob(c, reference, data).await?;
+    Ok(start.elapsed())
 }
 
 async fn read(
