@@ -156,6 +156,10 @@ impl Config {
                 "config has no [snapshotters.NAME]: containerd would have nothing to use"
             );
         }
+        self.content
+            .store_config(self.root.join("content"))
+            .validate()
+            .context("[content]")?;
         for name in self.snapshotters.keys() {
             if name.is_empty()
                 || !name

@@ -50,9 +50,9 @@ enum Cmd {
     },
     /// Re-verify every committed blob's digest over its stored bytes.
     Fsck {
-        /// strata's root (default /var/lib/strata).
-        #[arg(long, default_value = "/var/lib/strata")]
-        root: PathBuf,
+        /// strata's root (default: the config's `root`, else /var/lib/strata).
+        #[arg(long)]
+        root: Option<PathBuf>,
         /// strata.toml, for the content settings.
         #[arg(long)]
         config: Option<PathBuf>,
@@ -73,9 +73,9 @@ enum ContentCmd {
     /// Logical bytes (what containerd sees), stored bytes, and the ratio.
     /// Works beside a running daemon (reads the DB read-only).
     Stats {
-        /// strata's root (default /var/lib/strata).
-        #[arg(long, default_value = "/var/lib/strata")]
-        root: PathBuf,
+        /// strata's root (default: the config's `root`, else /var/lib/strata).
+        #[arg(long)]
+        root: Option<PathBuf>,
         /// strata.toml, for the content settings.
         #[arg(long)]
         config: Option<PathBuf>,
@@ -154,6 +154,7 @@ fn main() -> anyhow::Result<()> {
         } => {
             init_tracing("warn");
             let cfg = load(config.as_deref())?;
+            let root = root.unwrap_or_else(|| cfg.root.clone());
             let store = open_content(&root, &cfg, false)?;
             let s = store.stats()?;
             let mib = |b: u64| b as f64 / (1 << 20) as f64;
@@ -196,13 +197,18 @@ fn main() -> anyhow::Result<()> {
         } => {
             init_tracing("warn");
             let cfg = load(config.as_deref())?;
+            let root = root.unwrap_or_else(|| cfg.root.clone());
             let store = open_content(&root, &cfg, repair)?;
+            let blobs = store.stats()?.blobs;
             let damaged = store.fsck(repair)?;
             for d in &damaged {
                 println!("DAMAGED {}: {}", d.digest, d.problem);
             }
             if damaged.is_empty() {
-                println!("fsck: every committed blob matches its digest");
+                println!(
+                    "fsck: {blobs} blob{} checked, every one matches its digest",
+                    if blobs == 1 { "" } else { "s" }
+                );
                 Ok(())
             } else if repair {
                 println!(

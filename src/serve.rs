@@ -1,7 +1,7 @@
 //! `strata serve`: one daemon, one socket, one database.
 
 use std::collections::HashMap;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -17,12 +17,20 @@ use tokio::net::UnixListener;
 use crate::config::{Config, SnapshotterConfig};
 
 /// Binds the socket: refuses one that a live daemon answers on, replaces a
-/// stale one, and sets mode 0660.
+/// stale one. The socket is made in a fresh 0700 directory beside the
+/// address, set to 0660 there and then renamed into place, so that nobody
+/// but root can connect to it at any point, whatever the umask. A socket
+/// directory strata creates is 0711, as containerd's.
 fn bind(address: &Path) -> anyhow::Result<UnixListener> {
-    if let Some(dir) = address.parent() {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("creating socket directory {}", dir.display()))?;
-    }
+    let dir = match address.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o711)
+        .create(&dir)
+        .with_context(|| format!("creating socket directory {}", dir.display()))?;
     if address.exists() {
         if std::os::unix::net::UnixStream::connect(address).is_ok() {
             anyhow::bail!(
@@ -33,11 +41,39 @@ fn bind(address: &Path) -> anyhow::Result<UnixListener> {
         std::fs::remove_file(address)
             .with_context(|| format!("removing stale socket {}", address.display()))?;
     }
-    let listener = UnixListener::bind(address)
-        .with_context(|| format!("listening on {}", address.display()))?;
-    std::fs::set_permissions(address, std::fs::Permissions::from_mode(0o660))
-        .with_context(|| format!("chmod 0660 {}", address.display()))?;
+    let private = tempfile::Builder::new()
+        .prefix(".strata-sock-")
+        .permissions(std::fs::Permissions::from_mode(0o700))
+        .tempdir_in(&dir)
+        .with_context(|| format!("creating a private directory in {}", dir.display()))?;
+    let staged = private.path().join("s");
+    let listener = UnixListener::bind(&staged)
+        .with_context(|| format!("listening on {}", staged.display()))?;
+    std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o660))
+        .with_context(|| format!("chmod 0660 {}", staged.display()))?;
+    std::fs::rename(&staged, address)
+        .with_context(|| format!("moving the socket to {}", address.display()))?;
     Ok(listener)
+}
+
+/// Creates strata's root readable by root alone (0700, as containerd's
+/// snapshotters do), or closes one that an older strata left open.
+fn private_root(root: &Path) -> anyhow::Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(root)
+        .with_context(|| format!("creating root {}", root.display()))?;
+    let mode = std::fs::metadata(root)
+        .with_context(|| format!("stat {}", root.display()))?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        tracing::warn!(root = %root.display(), mode = format!("{:o}", mode & 0o777), "closing a root others could enter (now 0700)");
+        std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("chmod 0700 {}", root.display()))?;
+    }
+    Ok(())
 }
 
 async fn shutdown_signal() {
@@ -73,8 +109,7 @@ async fn compact_every(store: ContentStore, every: std::time::Duration) {
 /// Runs the daemon until SIGTERM or SIGINT.
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     cfg.validate()?;
-    std::fs::create_dir_all(&cfg.root)
-        .with_context(|| format!("creating root {}", cfg.root.display()))?;
+    private_root(&cfg.root)?;
     let db_path = cfg.root.join("db");
     let db = {
         let (p, c) = (db_path.clone(), cfg.db.clone());

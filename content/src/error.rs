@@ -56,25 +56,27 @@ impl Error {
     }
 }
 
-impl From<Error> for tonic::Status {
-    fn from(e: Error) -> Self {
-        let msg = e.to_string();
-        match e {
-            Error::NotFound(_) => tonic::Status::not_found(msg),
-            Error::AlreadyExists(_) => tonic::Status::already_exists(msg),
-            Error::FailedPrecondition(_) => tonic::Status::failed_precondition(msg),
-            Error::InvalidArgument(_) => tonic::Status::invalid_argument(msg),
-            Error::Unavailable(_) => tonic::Status::unavailable(msg),
-            Error::OutOfRange(_) => tonic::Status::out_of_range(msg),
-            Error::DataLoss(_) => {
-                tracing::error!(error = %msg, "stored content is damaged");
-                tonic::Status::data_loss(msg)
-            }
+impl Error {
+    /// The gRPC code containerd maps back to this error's `errdefs` class.
+    pub fn code(&self) -> tonic::Code {
+        match self {
+            Error::NotFound(_) => tonic::Code::NotFound,
+            Error::AlreadyExists(_) => tonic::Code::AlreadyExists,
+            Error::FailedPrecondition(_) => tonic::Code::FailedPrecondition,
+            Error::InvalidArgument(_) => tonic::Code::InvalidArgument,
+            Error::Unavailable(_) => tonic::Code::Unavailable,
+            Error::OutOfRange(_) => tonic::Code::OutOfRange,
+            Error::DataLoss(_) => tonic::Code::DataLoss,
             Error::Db(_) | Error::Corrupt(_) | Error::Io { .. } | Error::Internal(_) => {
-                tracing::error!(error = %msg, "content operation failed");
-                tonic::Status::internal(msg)
+                tonic::Code::Internal
             }
         }
+    }
+}
+
+impl From<Error> for tonic::Status {
+    fn from(e: Error) -> Self {
+        strata_proto::errdefs::status(e.code(), e.to_string())
     }
 }
 

@@ -5,10 +5,14 @@
 //! |---|---|---|
 //! | `blob` | digest (`sha256:hex`) | [`BlobRecord`] |
 //! | `blob_chunks` | digest ‖ 0x00 ‖ offset (BE u64) | [`ChunkRef`]: chunk id, length |
-//! | `chunk` | chunk id (32-byte SHA-256) | [`ChunkLoc`]: pack, offset, stored and raw length, compression |
+//! | `chunk` | chunk id (32-byte SHA-256) | [`ChunkLoc`]: pack, offset, stored and raw length, compression, CRC32C |
 //! | `chunk_ref` | chunk id | reference count, i64 LE, kept by an `add` merge operator |
 //! | `ingest` | ref | [`IngestRecord`] |
 //! | `content_meta` | `schema`, `next_pack` | BE u64 (`next_pack` by a `max` merge) |
+//!
+//! Schema versions: 1 had no CRC32C in [`ChunkLoc`] and did not record
+//! itself; 2 adds the CRC (chunks of schema 1 stay readable: they are
+//! checked against their SHA-256 id instead) and the `next_pack` counter.
 //!
 //! Why these choices:
 //! - Info, Commit's existence check and a chunk's location are point lookups:
@@ -20,9 +24,11 @@
 //!   two commits that store the same new chunk at once both add 1 and both
 //!   write a valid location, with no read-modify-write race; the copy whose
 //!   location lost is unreferenced pack space that compaction reclaims.
+//! - `next_pack` is a reservation: every pack id below it may exist. A new
+//!   pack's id is written (synced) before its file is created, so an id is
+//!   never used twice, even when a power cut loses a pack's directory entry.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prost::Message;
 use rocksdb::{
@@ -45,13 +51,11 @@ pub const CF_INGEST: &str = "ingest";
 pub const CF_META: &str = "content_meta";
 
 /// The schema version under `schema` in `content_meta`.
-pub const SCHEMA_VERSION: u64 = 1;
+pub const SCHEMA_VERSION: u64 = 2;
 /// The schema key.
 pub const SCHEMA_KEY: &[u8] = b"schema";
-/// The next pack number (max merge).
+/// Every pack number below this one may have been used (max merge).
 pub const NEXT_PACK_KEY: &[u8] = b"next_pack";
-
-const RECORD_VERSION: u8 = 1;
 
 fn point_lookup_options(cache: &Cache) -> Options {
     let mut o = Options::default();
@@ -84,7 +88,7 @@ pub fn column_families(cache: &Cache) -> Vec<ColumnFamilyDescriptor> {
     let mut refs = point_lookup_options(cache);
     refs.set_merge_operator_associative("strata_add_i64", merge_add_i64);
     let mut meta = Options::default();
-    meta.set_merge_operator_associative("strata_max_u64", merge_max_u64);
+    meta.set_merge_operator_associative(strata_kv::MAX_U64_MERGE, strata_kv::merge_max_u64);
     vec![
         ColumnFamilyDescriptor::new(CF_BLOB, point_lookup_options(cache)),
         ColumnFamilyDescriptor::new(CF_BLOB_CHUNKS, chunk_list),
@@ -102,16 +106,6 @@ fn merge_add_i64(_k: &[u8], existing: Option<&[u8]>, ops: &MergeOperands) -> Opt
         .map(decode_i64)
         .fold(0i64, i64::saturating_add);
     Some(sum.to_le_bytes().to_vec())
-}
-
-fn merge_max_u64(_k: &[u8], existing: Option<&[u8]>, ops: &MergeOperands) -> Option<Vec<u8>> {
-    let max = existing
-        .into_iter()
-        .chain(ops.iter())
-        .map(|v| v.try_into().map(u64::from_be_bytes).unwrap_or(0))
-        .max()
-        .unwrap_or(0);
-    Some(max.to_be_bytes().to_vec())
 }
 
 /// A reference count value; malformed counts as 0.
@@ -202,6 +196,9 @@ pub struct ChunkLoc {
     /// [`COMPRESSION_NONE`] or [`COMPRESSION_ZSTD`].
     #[prost(uint32, tag = "5")]
     pub compression: u32,
+    /// CRC32C of the stored bytes (schema 2 on; absent in schema 1).
+    #[prost(uint32, optional, tag = "6")]
+    pub crc32c: Option<u32>,
 }
 
 /// An ingest under way.
@@ -223,38 +220,15 @@ pub struct IngestRecord {
 
 /// Encodes a record with its version byte.
 pub fn encode<M: Message>(m: &M) -> Vec<u8> {
-    let mut v = Vec::with_capacity(1 + m.encoded_len());
-    v.push(RECORD_VERSION);
-    // Writing into a Vec cannot run out of space.
-    let _ = m.encode(&mut v);
-    v
+    strata_kv::encode(m)
 }
 
-/// Decodes a record written by [`encode`].
+/// Decodes a record written by [`encode`]; `what` names it in the error.
 pub fn decode<M: Message + Default>(what: &str, v: &[u8]) -> Result<M> {
-    match v.split_first() {
-        Some((&RECORD_VERSION, body)) => {
-            M::decode(body).map_err(|e| Error::Corrupt(format!("{what}: {e}")))
-        }
-        Some((other, _)) => Err(Error::Corrupt(format!(
-            "{what}: unknown record version {other}"
-        ))),
-        None => Err(Error::Corrupt(format!("{what}: empty record"))),
-    }
+    strata_kv::decode(v).map_err(|e| Error::Corrupt(format!("{what}: {e}")))
 }
 
-/// Now, ns since the epoch.
-pub fn now_ns() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
-
-/// A time from ns since the epoch.
-pub fn time_of(ns: i64) -> SystemTime {
-    UNIX_EPOCH + Duration::from_nanos(u64::try_from(ns).unwrap_or(0))
-}
+pub use strata_kv::{now_ns, time_of};
 
 #[cfg(test)]
 mod tests {
@@ -271,6 +245,7 @@ mod tests {
             stored_len: 10,
             raw_len: 20,
             compression: COMPRESSION_ZSTD,
+            crc32c: Some(0xdead_beef),
         };
         assert_eq!(decode::<ChunkLoc>("x", &encode(&r))?, r);
         assert!(decode::<ChunkLoc>("x", &[7]).is_err());

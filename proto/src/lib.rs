@@ -6,6 +6,7 @@
 //! containerd's wire contract (package names, messages and field numbers),
 //! which is stable from containerd 1.6 through 2.x.
 
+pub mod errdefs;
 pub mod filters;
 
 /// The generated code, laid out as the proto packages nest.

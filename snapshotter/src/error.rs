@@ -53,19 +53,24 @@ impl Error {
     }
 }
 
-impl From<Error> for tonic::Status {
-    fn from(e: Error) -> Self {
-        let msg = e.to_string();
-        match e {
-            Error::NotFound(_) => tonic::Status::not_found(msg),
-            Error::AlreadyExists(_) => tonic::Status::already_exists(msg),
-            Error::FailedPrecondition(_) => tonic::Status::failed_precondition(msg),
-            Error::InvalidArgument(_) => tonic::Status::invalid_argument(msg),
+impl Error {
+    /// The gRPC code containerd maps back to this error's `errdefs` class.
+    pub fn code(&self) -> tonic::Code {
+        match self {
+            Error::NotFound(_) => tonic::Code::NotFound,
+            Error::AlreadyExists(_) => tonic::Code::AlreadyExists,
+            Error::FailedPrecondition(_) => tonic::Code::FailedPrecondition,
+            Error::InvalidArgument(_) => tonic::Code::InvalidArgument,
             Error::Db(_) | Error::Corrupt { .. } | Error::Io { .. } | Error::Internal(_) => {
-                tracing::error!(error = %msg, "snapshot operation failed");
-                tonic::Status::internal(msg)
+                tonic::Code::Internal
             }
         }
+    }
+}
+
+impl From<Error> for tonic::Status {
+    fn from(e: Error) -> Self {
+        strata_proto::errdefs::status(e.code(), e.to_string())
     }
 }
 

@@ -6,7 +6,6 @@
 //! group), and mutations on the same keys are serialized by [`KeyLocks`].
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use rocksdb::{ColumnFamily, Direction, IteratorMode, ReadOptions, WriteBatch, WriteOptions, DB};
@@ -21,13 +20,20 @@ pub struct MetaStore {
     db: Arc<DB>,
     keys: Keys,
     locks: KeyLocks,
-    next_id: AtomicU64,
+    /// The next id, and the end of the block reserved durably.
+    ids: Mutex<IdRange>,
     /// Ids handed out whose records are not written yet: Cleanup spares their
     /// directories.
     inflight: Mutex<HashSet<u64>>,
     sync: WriteOptions,
     /// Reads that may not do I/O (memtable and block cache only).
     cache_only: ReadOptions,
+}
+
+/// Ids handed out: `next` up to `reserved` (exclusive) are reserved on disk.
+struct IdRange {
+    next: u64,
+    reserved: u64,
 }
 
 /// A snapshot being created: checks done, id reserved, keys locked. Create
@@ -69,43 +75,77 @@ impl MetaStore {
         sync.set_sync(true);
         let mut cache_only = ReadOptions::default();
         cache_only.set_read_tier(rocksdb::ReadTier::BlockCache);
-        let store = MetaStore {
+        let mut store = MetaStore {
             db,
             keys: Keys::new(name),
             locks: KeyLocks::default(),
-            next_id: AtomicU64::new(1),
+            ids: Mutex::new(IdRange {
+                next: 1,
+                reserved: 1,
+            }),
             inflight: Mutex::new(HashSet::new()),
             sync,
             cache_only,
         };
         let meta = store.cf(schema::CF_META)?;
-        match store.db.get_cf(meta, schema::SCHEMA_KEY)? {
-            Some(v) if schema::decode_u64(&v) > schema::SCHEMA_VERSION => {
-                return Err(Error::FailedPrecondition(format!(
-                    "snapshot metadata has schema {} but this strata reads up to {}: upgrade strata",
-                    schema::decode_u64(&v),
-                    schema::SCHEMA_VERSION
-                )))
-            }
-            Some(_) => {}
-            None => store.db.put_cf_opt(
-                meta,
-                schema::SCHEMA_KEY,
-                schema::SCHEMA_VERSION.to_be_bytes(),
-                &store.sync,
-            )?,
-        }
-        // The counter never goes back (max merge); the scan is a second guard.
-        let stored = store
+        strata_kv::check_schema(
+            &store.db,
+            meta,
+            "snapshot metadata",
+            schema::SCHEMA_KEY,
+            schema::SCHEMA_VERSION,
+            true,
+        )
+        .map_err(|e| match e {
+            strata_kv::SchemaError::Db { source, .. } => Error::Db(source),
+            newer => Error::FailedPrecondition(newer.to_string()),
+        })?;
+        // Every id below the reservation may have been handed out (its
+        // directory may exist without a record): start past it. The scan is
+        // a second guard. Nothing is reserved yet: the first create reserves
+        // a block durably before it uses an id.
+        let reserved = store
             .db
             .get_cf(meta, store.keys.next_id())?
             .map(|v| schema::decode_u64(&v))
             .unwrap_or(1);
         let max_id = store.ids()?.into_iter().max().unwrap_or(0);
-        store
-            .next_id
-            .store(stored.max(max_id + 1).max(1), Ordering::SeqCst);
+        let next = reserved.max(max_id + 1).max(1);
+        *store.ids.get_mut().unwrap_or_else(|p| p.into_inner()) = IdRange {
+            next,
+            reserved: next,
+        };
         Ok(store)
+    }
+
+    /// Makes sure no id up to `id` is handed out (for directories an older
+    /// strata may have left without reserving their ids).
+    pub fn reserve_past(&self, id: u64) {
+        let mut ids = self.ids.lock().unwrap_or_else(|p| p.into_inner());
+        if ids.next <= id {
+            ids.next = id + 1;
+            ids.reserved = ids.reserved.min(ids.next);
+        }
+    }
+
+    /// A new id, never handed out before, also across crashes: when the
+    /// reserved block is used up, the next one is reserved with a synced
+    /// write before any of its ids is returned.
+    fn take_id(&self) -> Result<u64> {
+        let mut ids = self.ids.lock().unwrap_or_else(|p| p.into_inner());
+        if ids.next >= ids.reserved {
+            let end = ids.next + schema::ID_BLOCK;
+            self.db.merge_cf_opt(
+                self.cf(schema::CF_META)?,
+                self.keys.next_id(),
+                end.to_be_bytes(),
+                &self.sync,
+            )?;
+            ids.reserved = end;
+        }
+        let id = ids.next;
+        ids.next += 1;
+        Ok(id)
     }
 
     fn cf(&self, name: &str) -> Result<&ColumnFamily> {
@@ -184,7 +224,7 @@ impl MetaStore {
         if self.read(key)?.is_some() {
             return Err(Error::AlreadyExists(format!("snapshot {key:?}")));
         }
-        let id = self.next_id.fetch_add(1, Ordering::SeqCst);
+        let id = self.take_id()?;
         self.inflight_lock().insert(id);
         Ok(PendingCreate {
             store: self,
@@ -209,11 +249,6 @@ impl MetaStore {
                 p.key.as_bytes(),
             );
         }
-        b.merge_cf(
-            self.cf(schema::CF_META)?,
-            self.keys.next_id(),
-            (p.record.id + 1).to_be_bytes(),
-        );
         self.db.write_opt(b, &self.sync)?;
         Ok(p.record.clone())
     }

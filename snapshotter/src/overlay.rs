@@ -5,9 +5,11 @@
 //! committed) and `<id>/work` (overlay's workdir, for active snapshots).
 //!
 //! Order of effects, so that a crash anywhere is harmless:
-//! - Prepare/View: create `<id>/` (a fresh id, never reused), then write the
-//!   metadata batch. A crash before the batch leaves a directory with no
-//!   record, which start-up and Cleanup remove.
+//! - Prepare/View: take an id (reserved durably before use, so never handed
+//!   out twice, even after a crash), create `<id>/fs` (and `<id>/work`),
+//!   fsync `<id>/` and the root so the entries survive a power cut, then
+//!   write the metadata batch. A crash before the batch leaves a directory
+//!   with no record, which start-up and Cleanup remove; its id is not reused.
 //! - Remove: write the metadata batch, then delete `<id>/` in the background.
 //!   A crash before the deletion leaves the same kind of orphan.
 //!
@@ -95,6 +97,55 @@ fn mkdir(path: &Path, mode: u32) -> Result<()> {
         .map_err(|e| Error::io(format!("create {}", path.display()), e))
 }
 
+/// Creates `path` and its missing parents with `mode`, fsyncing the parent
+/// of each level made, so that the tree survives a power cut before the
+/// first record points into it.
+fn mkdir_durable(path: &Path, mode: u32) -> Result<()> {
+    let mut missing = Vec::new();
+    let mut p = path;
+    while !p.is_dir() {
+        missing.push(p);
+        match p.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => p = parent,
+            _ => break,
+        }
+    }
+    for dir in missing.into_iter().rev() {
+        match std::fs::DirBuilder::new().mode(mode).create(dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(Error::io(format!("create {}", dir.display()), e)),
+        }
+        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            fsync_dir(parent)?;
+        }
+    }
+    Ok(())
+}
+
+/// The largest numeric name in `dir` (a snapshot directory's id).
+fn max_numeric_entry(dir: &Path) -> Result<Option<u64>> {
+    let rd = std::fs::read_dir(dir).map_err(|e| Error::io(format!("read {}", dir.display()), e))?;
+    Ok(rd
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            name.strip_prefix("new-")
+                .unwrap_or(&name)
+                .parse::<u64>()
+                .ok()
+        })
+        .max())
+}
+
+/// Makes the entries of directory `path` durable.
+fn fsync_dir(path: &Path) -> Result<()> {
+    std::fs::File::open(path)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io(format!("fsync {}", path.display()), e))
+}
+
 /// Whether this process runs in a user namespace (uid_map is not identity).
 fn in_user_namespace() -> bool {
     match std::fs::read_to_string("/proc/self/uid_map") {
@@ -127,8 +178,14 @@ impl OverlaySnapshotter {
     /// Opens the snapshotter: creates its root, and starts removing any
     /// directory that no record owns (left by a crash) in the background.
     pub fn new(meta: MetaStore, cfg: OverlayConfig) -> Result<Self> {
-        std::fs::create_dir_all(&cfg.root)
-            .map_err(|e| Error::io(format!("create {}", cfg.root.display()), e))?;
+        // As containerd's overlayfs: only root may enter the snapshots.
+        mkdir_durable(&cfg.root, 0o700)?;
+        // Ids below the reservation are never handed out; an older strata
+        // reserved none, so a crashed Prepare of its may have left a
+        // directory at the next id. Start past every directory there is.
+        if let Some(max) = max_numeric_entry(&cfg.root)? {
+            meta.reserve_past(max);
+        }
         let mut base_options = Vec::new();
         let index_off = cfg
             .index_off
@@ -255,11 +312,23 @@ impl Inner {
     fn create(&self, kind: Kind, key: &str, parent: &str, labels: Labels) -> Result<Vec<Mount>> {
         let pending = self.meta.begin_create(kind, key, parent, labels)?;
         let rec = pending.record().clone();
-        // No temporary name and rename: the id is new and never reused, and
-        // until the batch below is written no record points here, so a crash
-        // leaves an orphan that start-up and Cleanup remove (the id is
-        // in-flight meanwhile, so a concurrent Cleanup spares it). That saves
-        // two operations on the shared root directory per snapshot.
+        self.make_dirs(&rec, kind, parent)?;
+        // A failed synced write may still reach the WAL and be replayed at
+        // the next start: keep the directory (Cleanup removes it if no
+        // record shows up), so that no record can point at a missing one.
+        let rec = self.meta.finish_create(pending)?;
+        Ok(self.mounts(&rec))
+    }
+
+    /// Makes `<id>/fs` (and `<id>/work` for an active snapshot), durably;
+    /// on error nothing is left.
+    fn make_dirs(&self, rec: &Record, kind: Kind, parent: &str) -> Result<()> {
+        // No temporary name and rename: the id is new and never reused (it
+        // was reserved durably before we got it), and until the batch below
+        // is written no record points here, so a crash leaves an orphan that
+        // start-up and Cleanup remove (the id is in flight meanwhile, so a
+        // concurrent Cleanup spares it). That saves two operations on the
+        // shared root directory per snapshot.
         let dir = self.dir(rec.id);
         let made = (|| {
             mkdir(&dir, 0o700)?;
@@ -274,16 +343,17 @@ impl Inner {
                 std::os::unix::fs::lchown(dir.join("fs"), Some(st.uid()), Some(st.gid()))
                     .map_err(|e| Error::io("chown upper dir", e))?;
             }
-            Ok(())
+            // The record must never outlive a power cut that its directory
+            // did not: make the new entries durable before the batch. On
+            // ext4 the first fsync commits the journal holding all of them,
+            // so the second is cheap.
+            fsync_dir(&dir)?;
+            fsync_dir(&self.root)
         })();
-        let result = made.and_then(|()| self.meta.finish_create(pending));
-        match result {
-            Ok(rec) => Ok(self.mounts(&rec)),
-            Err(e) => {
-                let _ = std::fs::remove_dir_all(&dir);
-                Err(e)
-            }
+        if made.is_err() {
+            let _ = std::fs::remove_dir_all(&dir);
         }
+        made
     }
 
     fn commit(&self, name: &str, key: &str, labels: Labels) -> Result<()> {
@@ -441,10 +511,14 @@ impl Snapshotter for OverlaySnapshotter {
                 let mut names = s.meta.children(parent)?;
                 names.sort();
                 for name in names {
-                    if let Ok(rec) = s.meta.get(&name) {
-                        if !emit(s.info(name, &rec), &mut batch) {
-                            break;
-                        }
+                    let rec = match s.meta.get(&name) {
+                        Ok(rec) => rec,
+                        // Removed since the index was read.
+                        Err(Error::NotFound(_)) => continue,
+                        Err(e) => return Err(e),
+                    };
+                    if !emit(s.info(name, &rec), &mut batch) {
+                        break;
                     }
                 }
             } else {

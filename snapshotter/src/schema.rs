@@ -22,19 +22,21 @@
 //!   is one lookup, not 128; values stay small (a varint per parent).
 //! - Walk (List) is one ordered scan of `snap_by_key` under the `ns` prefix.
 //! - `snap_children` answers "has children?" (Remove) with one seek.
-//! - `next_id` is kept with a `max` merge operator: concurrent Prepares each
-//!   merge their id+1 in their own batch, and the stored value never goes back,
-//!   whatever order the batches land in.
+//! - `next_id/ns` is a reservation, not a count: every id below it may have
+//!   been handed out. Ids are reserved durably in blocks of [`ID_BLOCK`]
+//!   (one synced write per block) *before* any of them names a directory, so
+//!   an id taken by a Prepare that crashed before its record was written is
+//!   never handed out again (its directory may still be there). It is kept
+//!   with a `max` merge operator, so it never goes back.
 //! - Small 16 KiB blocks with lz4: the records are small and lookups touch one
 //!   block.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
-use prost::Message;
 use rocksdb::{
     BlockBasedIndexType, BlockBasedOptions, Cache, ColumnFamilyDescriptor, DataBlockIndexType,
-    MergeOperands, Options,
+    Options,
 };
 
 use crate::error::{Error, Result};
@@ -47,12 +49,12 @@ pub const CF_CHILDREN: &str = "snap_children";
 /// Counters and the schema version.
 pub const CF_META: &str = "snap_meta";
 
-/// The version byte in front of every record.
-const RECORD_VERSION: u8 = 1;
 /// The schema version kept under `schema` in `snap_meta`.
 pub const SCHEMA_VERSION: u64 = 1;
 /// The key of the schema version.
 pub const SCHEMA_KEY: &[u8] = b"schema";
+/// How many snapshot ids one synced write of `next_id` reserves.
+pub const ID_BLOCK: u64 = 1024;
 
 /// The column families this store owns, with their options; `block_cache` is
 /// shared with the rest of the daemon.
@@ -84,7 +86,7 @@ pub fn column_families(block_cache: &Cache) -> Vec<ColumnFamilyDescriptor> {
     children.set_compression_type(rocksdb::DBCompressionType::Lz4);
 
     let mut meta = Options::default();
-    meta.set_merge_operator_associative("strata_max_u64", merge_max_u64);
+    meta.set_merge_operator_associative(strata_kv::MAX_U64_MERGE, strata_kv::merge_max_u64);
 
     vec![
         ColumnFamilyDescriptor::new(CF_BY_KEY, by_key),
@@ -93,21 +95,7 @@ pub fn column_families(block_cache: &Cache) -> Vec<ColumnFamilyDescriptor> {
     ]
 }
 
-/// `max` over big-endian u64 operands; anything malformed counts as 0.
-fn merge_max_u64(_key: &[u8], existing: Option<&[u8]>, ops: &MergeOperands) -> Option<Vec<u8>> {
-    let max = existing
-        .into_iter()
-        .chain(ops.iter())
-        .map(decode_u64)
-        .max()
-        .unwrap_or(0);
-    Some(max.to_be_bytes().to_vec())
-}
-
-/// A big-endian u64 value; 0 when malformed.
-pub fn decode_u64(v: &[u8]) -> u64 {
-    v.try_into().map(u64::from_be_bytes).unwrap_or(0)
-}
+pub use strata_kv::decode_u64;
 
 /// Key prefixes of one snapshotter's namespace.
 #[derive(Debug, Clone)]
@@ -165,7 +153,7 @@ impl Keys {
         k
     }
 
-    /// `snap_meta` key of this namespace's id counter.
+    /// `snap_meta` key of this namespace's id reservation.
     pub fn next_id(&self) -> Vec<u8> {
         let mut k = b"next_id/".to_vec();
         k.extend_from_slice(&self.ns[..self.ns.len() - 1]);
@@ -246,26 +234,15 @@ impl Record {
 
     /// The value bytes.
     pub fn encode_value(&self) -> Vec<u8> {
-        let mut v = Vec::with_capacity(1 + self.encoded_len());
-        v.push(RECORD_VERSION);
-        // Writing into a Vec cannot run out of space.
-        let _ = self.encode(&mut v);
-        v
+        strata_kv::encode(self)
     }
 
     /// Decodes a value written by [`Record::encode_value`].
     pub fn decode_value(key: &[u8], v: &[u8]) -> Result<Record> {
-        let corrupt = |msg: String| Error::Corrupt {
+        strata_kv::decode(v).map_err(|e| Error::Corrupt {
             key: String::from_utf8_lossy(key).into_owned(),
-            msg,
-        };
-        match v.split_first() {
-            Some((&RECORD_VERSION, body)) => {
-                Record::decode(body).map_err(|e| corrupt(e.to_string()))
-            }
-            Some((other, _)) => Err(corrupt(format!("unknown record version {other}"))),
-            None => Err(corrupt("empty record".into())),
-        }
+            msg: e.to_string(),
+        })
     }
 }
 
@@ -295,16 +272,10 @@ pub fn new_record(
     r
 }
 
-/// Now, in nanoseconds since the epoch.
-pub fn now_ns() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
+pub use strata_kv::now_ns;
 
 fn from_ns(ns: i64) -> SystemTime {
-    UNIX_EPOCH + Duration::from_nanos(u64::try_from(ns).unwrap_or(0))
+    strata_kv::time_of(ns)
 }
 
 #[cfg(test)]
