@@ -23,6 +23,47 @@ pub struct Config {
     pub snapshotters: BTreeMap<String, SnapshotterConfig>,
     /// The content store.
     pub content: ContentSettings,
+    /// How strata reaches registries (the unpack fast path).
+    pub registry: RegistrySettings,
+}
+
+/// Registry access for the unpack fast path.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistrySettings {
+    /// containerd's hosts.toml directory: mirrors, `http://` hosts,
+    /// `skip_verify`, CAs (as containerd's `config_path`).
+    pub config_path: Option<PathBuf>,
+    /// Plain HTTP to every registry (loopback registries use it anyway).
+    pub plain_http: bool,
+    /// A docker `config.json` with credentials (default: root's).
+    pub docker_config: Option<PathBuf>,
+    /// Range requests in flight per layer.
+    pub parallel_ranges: usize,
+}
+
+impl Default for RegistrySettings {
+    fn default() -> Self {
+        RegistrySettings {
+            config_path: Some(PathBuf::from("/etc/containerd/certs.d")),
+            plain_http: false,
+            docker_config: None,
+            parallel_ranges: 4,
+        }
+    }
+}
+
+impl RegistrySettings {
+    /// The registry client's settings.
+    pub fn client_config(&self) -> strata_registry::ClientConfig {
+        let mut c = strata_registry::ClientConfig::default();
+        c.config_path = self.config_path.clone().filter(|p| p.is_dir());
+        c.plain_http = self.plain_http;
+        if let Some(p) = &self.docker_config {
+            c.docker_config = strata_registry::DockerConfig::Path(p.clone());
+        }
+        c
+    }
 }
 
 /// The content store's settings.
@@ -96,7 +137,7 @@ pub enum SnapshotterConfig {
 }
 
 /// Settings of an overlay snapshotter (see `config/strata.toml`).
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct OverlaySettings {
     /// Report `containerd.io/snapshot/overlay.upperdir` in labels.
@@ -109,6 +150,22 @@ pub struct OverlaySettings {
     pub volatile: bool,
     /// Extra overlay mount options.
     pub mount_options: Vec<String>,
+    /// Fetch and unpack layers itself when Prepare carries remote-snapshot
+    /// labels (CRI, containerd 2.1+'s transfer service, `strata pull`).
+    pub fast_unpack: bool,
+}
+
+impl Default for OverlaySettings {
+    fn default() -> Self {
+        OverlaySettings {
+            upperdir_label: false,
+            index_off: None,
+            userxattr: None,
+            volatile: false,
+            mount_options: Vec::new(),
+            fast_unpack: true,
+        }
+    }
 }
 
 impl Default for Config {
@@ -125,6 +182,7 @@ impl Default for Config {
             db: DbConfig::default(),
             snapshotters,
             content: ContentSettings::default(),
+            registry: RegistrySettings::default(),
         }
     }
 }

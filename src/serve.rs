@@ -10,6 +10,7 @@ use strata_content::service::ContentService;
 use strata_content::ContentStore;
 use strata_snapshotter::meta::MetaStore;
 use strata_snapshotter::overlay::{OverlayConfig, OverlaySnapshotter};
+use strata_snapshotter::remote::Unpacker;
 use strata_snapshotter::service::SnapshotService;
 use strata_snapshotter::Snapshotter;
 use tokio::net::UnixListener;
@@ -116,13 +117,24 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         tokio::task::spawn_blocking(move || crate::db::open(&p, &c)).await??
     };
 
+    // One registry client for every snapshotter's fast path.
+    let unpacker = if cfg.snapshotters.values().any(|s| match s {
+        SnapshotterConfig::Overlay(o) => o.fast_unpack,
+    }) {
+        Some(Arc::new(
+            Unpacker::new(cfg.registry.client_config(), cfg.registry.parallel_ranges)
+                .context("the registry client of the unpack fast path")?,
+        ))
+    } else {
+        None
+    };
     let mut snapshotters: HashMap<String, Arc<dyn Snapshotter>> = HashMap::new();
     for (name, sc) in &cfg.snapshotters {
         let meta = MetaStore::open(db.clone(), name)
             .with_context(|| format!("opening snapshotter {name}"))?;
         let s: Arc<dyn Snapshotter> = match sc {
             SnapshotterConfig::Overlay(o) => Arc::new(
-                OverlaySnapshotter::new(
+                OverlaySnapshotter::with_unpacker(
                     meta,
                     OverlayConfig {
                         root: cfg.root.join("snapshots").join(name),
@@ -132,6 +144,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                         volatile: o.volatile,
                         extra_options: o.mount_options.clone(),
                     },
+                    unpacker.clone().filter(|_| o.fast_unpack),
                 )
                 .with_context(|| format!("starting snapshotter {name}"))?,
             ),

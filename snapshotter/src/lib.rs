@@ -12,6 +12,7 @@ pub mod error;
 mod locks;
 pub mod meta;
 pub mod overlay;
+pub mod remote;
 pub mod schema;
 pub mod service;
 mod types;

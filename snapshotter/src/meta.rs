@@ -58,6 +58,25 @@ impl Drop for PendingCreate<'_> {
     }
 }
 
+/// An id taken ahead of its record (see [`MetaStore::reserve_id`]).
+pub struct ReservedId<'a> {
+    store: &'a MetaStore,
+    id: u64,
+}
+
+impl ReservedId<'_> {
+    /// The id: names the snapshot's directory.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+}
+
+impl Drop for ReservedId<'_> {
+    fn drop(&mut self) {
+        self.store.inflight_lock().remove(&self.id);
+    }
+}
+
 fn not_found(what: &str, key: &str) -> Error {
     Error::NotFound(format!("{what} {key:?}"))
 }
@@ -251,6 +270,77 @@ impl MetaStore {
         }
         self.db.write_opt(b, &self.sync)?;
         Ok(p.record.clone())
+    }
+
+    /// Takes a new id for a snapshot whose directory is made before any
+    /// record or lock (the unpack fast path): until the guard is dropped,
+    /// Cleanup spares its directory.
+    pub fn reserve_id(&self) -> Result<ReservedId<'_>> {
+        let id = self.take_id()?;
+        self.inflight_lock().insert(id);
+        Ok(ReservedId { store: self, id })
+    }
+
+    /// Records a committed snapshot `name` on `parent` whose directory (id
+    /// `id.id()`) is complete and durable, in one synced batch: the unpack
+    /// fast path, which never has an active record. `parent_ids` is the
+    /// chain the layer was made against: if the parent is gone or changed
+    /// since, FailedPrecondition. AlreadyExists if `name` is taken.
+    pub fn create_committed(
+        &self,
+        id: ReservedId<'_>,
+        name: &str,
+        parent: &str,
+        parent_ids: &[u64],
+        labels: Labels,
+        usage: Usage,
+    ) -> Result<Record> {
+        if name.is_empty() {
+            return Err(Error::InvalidArgument(
+                "snapshot name must not be empty".into(),
+            ));
+        }
+        let _guard = self.locks.lock(&[name], &[parent]);
+        if self.read(name)?.is_some() {
+            return Err(Error::AlreadyExists(format!("snapshot {name:?}")));
+        }
+        let mut chain = Vec::new();
+        if !parent.is_empty() {
+            let p = self
+                .read(parent)?
+                .ok_or_else(|| not_found("parent snapshot", parent))?;
+            if p.kind() != Kind::Committed {
+                return Err(Error::InvalidArgument(format!(
+                    "parent {parent:?} is not a committed snapshot"
+                )));
+            }
+            chain.push(p.id);
+            chain.extend_from_slice(&p.parent_ids);
+        }
+        if chain != parent_ids {
+            return Err(Error::FailedPrecondition(format!(
+                "parent {parent:?} changed while its child was unpacked"
+            )));
+        }
+        let mut rec = schema::new_record(id.id, Kind::Committed, parent, chain, labels);
+        rec.size = usage.size;
+        rec.inodes = usage.inodes;
+        let mut b = WriteBatch::default();
+        b.put_cf(
+            self.cf(schema::CF_BY_KEY)?,
+            self.keys.snapshot(name),
+            rec.encode_value(),
+        );
+        if let Some(&pid) = rec.parent_ids.first() {
+            b.put_cf(
+                self.cf(schema::CF_CHILDREN)?,
+                self.keys.child(pid, rec.id),
+                name.as_bytes(),
+            );
+        }
+        self.db.write_opt(b, &self.sync)?;
+        drop(id);
+        Ok(rec)
     }
 
     /// Commits the active snapshot `key` as `name`, with `usage` computed

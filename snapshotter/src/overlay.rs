@@ -25,9 +25,11 @@ use tokio::sync::mpsc;
 use crate::du::disk_usage;
 use crate::error::{Error, Result};
 use crate::meta::MetaStore;
+use crate::remote::{LayerRequest, RemoteError, Unpacker, TARGET_REF};
 use crate::schema::Record;
 use crate::types::{Info, Kind, Labels, Mount, Usage};
 use crate::Snapshotter;
+use sha2::Digest as _;
 
 /// The label containerd's overlayfs sets (with `upperdir_label`) to tell
 /// where a snapshot's upper dir is.
@@ -70,6 +72,22 @@ struct Inner {
     volatile: bool,
     /// Directories to delete, for the background remover thread.
     remover: std::sync::mpsc::Sender<PathBuf>,
+    /// The unpack fast path, when configured.
+    unpacker: Option<Arc<Unpacker>>,
+}
+
+/// How a Prepare through the fast path did not end in AlreadyExists.
+enum RemoteFailure {
+    /// Do the ordinary Prepare instead.
+    Fallback(RemoteError),
+    /// Fail the Prepare.
+    Fail(Error),
+}
+
+impl From<Error> for RemoteFailure {
+    fn from(e: Error) -> Self {
+        RemoteFailure::Fail(e)
+    }
 }
 
 /// Deletes removed snapshots' directories, one at a time, off the request
@@ -178,6 +196,17 @@ impl OverlaySnapshotter {
     /// Opens the snapshotter: creates its root, and starts removing any
     /// directory that no record owns (left by a crash) in the background.
     pub fn new(meta: MetaStore, cfg: OverlayConfig) -> Result<Self> {
+        Self::with_unpacker(meta, cfg, None)
+    }
+
+    /// As [`OverlaySnapshotter::new`], with the unpack fast path: a Prepare
+    /// carrying remote-snapshot labels has strata fetch and unpack the layer
+    /// itself ([`crate::remote`]).
+    pub fn with_unpacker(
+        meta: MetaStore,
+        cfg: OverlayConfig,
+        unpacker: Option<Arc<Unpacker>>,
+    ) -> Result<Self> {
         // As containerd's overlayfs: only root may enter the snapshots.
         mkdir_durable(&cfg.root, 0o700)?;
         // Ids below the reservation are never handed out; an older strata
@@ -214,6 +243,7 @@ impl OverlaySnapshotter {
                 upperdir_label: cfg.upperdir_label,
                 base_options,
                 volatile: cfg.volatile,
+                unpacker,
             }),
         };
         let inner = s.inner.clone();
@@ -310,9 +340,34 @@ impl Inner {
     }
 
     fn create(&self, kind: Kind, key: &str, parent: &str, labels: Labels) -> Result<Vec<Mount>> {
+        if let (Kind::Active, Some(unpacker)) = (kind, &self.unpacker) {
+            match LayerRequest::from_labels(&labels) {
+                None => {}
+                Some(Err(e)) => {
+                    tracing::warn!(key, error = %e, "remote-snapshot labels ignored: ordinary Prepare");
+                }
+                Some(Ok(req)) => match self.create_remote(unpacker, &req, parent, &labels) {
+                    Ok(()) => {
+                        return Err(Error::AlreadyExists(format!(
+                            "target snapshot {:?}",
+                            req.target
+                        )))
+                    }
+                    Err(RemoteFailure::Fail(e)) => return Err(e),
+                    Err(RemoteFailure::Fallback(e)) => {
+                        tracing::warn!(key, layer = %req.layer, error = %e, "fast unpack not possible: ordinary Prepare, containerd unpacks");
+                    }
+                },
+            }
+        }
         let pending = self.meta.begin_create(kind, key, parent, labels)?;
         let rec = pending.record().clone();
-        self.make_dirs(&rec, kind, parent)?;
+        self.make_dirs(
+            rec.id,
+            kind == Kind::Active,
+            rec.parent_ids.first().copied(),
+            parent,
+        )?;
         // A failed synced write may still reach the WAL and be replayed at
         // the next start: keep the directory (Cleanup removes it if no
         // record shows up), so that no record can point at a missing one.
@@ -321,23 +376,29 @@ impl Inner {
     }
 
     /// Makes `<id>/fs` (and `<id>/work` for an active snapshot), durably;
-    /// on error nothing is left.
-    fn make_dirs(&self, rec: &Record, kind: Kind, parent: &str) -> Result<()> {
+    /// on error nothing is left. The new upper dir belongs to whoever owns
+    /// the parent's root (`parent_id`).
+    fn make_dirs(
+        &self,
+        id: u64,
+        with_work: bool,
+        parent_id: Option<u64>,
+        parent: &str,
+    ) -> Result<()> {
         // No temporary name and rename: the id is new and never reused (it
         // was reserved durably before we got it), and until the batch below
         // is written no record points here, so a crash leaves an orphan that
         // start-up and Cleanup remove (the id is in flight meanwhile, so a
         // concurrent Cleanup spares it). That saves two operations on the
         // shared root directory per snapshot.
-        let dir = self.dir(rec.id);
+        let dir = self.dir(id);
         let made = (|| {
             mkdir(&dir, 0o700)?;
             mkdir(&dir.join("fs"), 0o755)?;
-            if kind == Kind::Active {
+            if with_work {
                 mkdir(&dir.join("work"), 0o711)?;
             }
-            if let Some(&pid) = rec.parent_ids.first() {
-                // The new upper dir belongs to whoever owns the parent's root.
+            if let Some(pid) = parent_id {
                 let st = std::fs::metadata(self.upper(pid))
                     .map_err(|e| Error::io(format!("stat parent {parent:?}"), e))?;
                 std::os::unix::fs::lchown(dir.join("fs"), Some(st.uid()), Some(st.gid()))
@@ -354,6 +415,173 @@ impl Inner {
             let _ = std::fs::remove_dir_all(&dir);
         }
         made
+    }
+
+    /// The fast path. The layer is fetched and unpacked into the directory
+    /// of a reserved id with no lock held (a long download blocks no other
+    /// request on these keys), its filesystem synced once, and then one
+    /// synced batch records it as a committed snapshot: there is never an
+    /// active record to leak. Ok means the layer is there now (the caller
+    /// answers AlreadyExists).
+    ///
+    /// The committed name is the target for a base layer, and unique to the
+    /// parent otherwise (`TARGET/p<parent id>`), so that the same layer on
+    /// another chain (another namespace's) never collides; containerd finds
+    /// it by its `containerd.io/snapshot.ref` label and parent, whatever
+    /// its name. Order of effects as for any Prepare: the directory, synced,
+    /// before the record; a crash leaves an orphan that start-up removes.
+    fn create_remote(
+        &self,
+        unpacker: &Unpacker,
+        req: &LayerRequest,
+        parent: &str,
+        labels: &Labels,
+    ) -> std::result::Result<(), RemoteFailure> {
+        let parent_rec = if parent.is_empty() {
+            None
+        } else {
+            let p = self.meta.get(parent)?;
+            if p.kind() != Kind::Committed {
+                return Err(Error::InvalidArgument(format!(
+                    "parent {parent:?} is not a committed snapshot"
+                ))
+                .into());
+            }
+            Some(p)
+        };
+        let parent_ids: Vec<u64> = match &parent_rec {
+            None => Vec::new(),
+            Some(p) => std::iter::once(p.id)
+                .chain(p.parent_ids.iter().copied())
+                .collect(),
+        };
+        let name = match &parent_rec {
+            None => req.target.clone(),
+            Some(p) => format!("{}/p{}", req.target, p.id),
+        };
+        if self.existing_layer(&name, req, parent)? {
+            return Ok(());
+        }
+        // The parent's chain id: its own target label, else the chain id
+        // at the end of its name (containerd names the layers it commits
+        // `NS/N/CHAINID`).
+        let parent_chain = parent_rec.as_ref().map(|p| {
+            p.labels
+                .get(TARGET_REF)
+                .cloned()
+                .unwrap_or_else(|| parent.rsplit('/').next().unwrap_or(parent).to_string())
+        });
+
+        let id = self.meta.reserve_id()?;
+        let dir = self.dir(id.id());
+        self.make_dirs(id.id(), false, parent_ids.first().copied(), parent)?;
+        let upper = self.upper(id.id());
+        let lowers = parent_ids.iter().map(|i| self.upper(*i)).collect();
+        let unpacked = (|| {
+            let u = unpacker
+                .unpack(
+                    req,
+                    &upper,
+                    lowers,
+                    self.base_options.iter().any(|o| o == "userxattr"),
+                )
+                .map_err(|e| match e.falls_back() {
+                    true => RemoteFailure::Fallback(e),
+                    false => RemoteFailure::Fail(Error::FailedPrecondition(e.to_string())),
+                })?;
+            // The layer must be the one containerd asked for: its chain id
+            // on this parent is the target.
+            let diff_id = &u.report.diff_id;
+            let chain = match &parent_chain {
+                None => diff_id.clone(),
+                Some(p) => format!(
+                    "sha256:{:x}",
+                    sha2::Sha256::digest(format!("{p} {diff_id}").as_bytes())
+                ),
+            };
+            // (A parent named by a client, not by its chain id, cannot be
+            // checked this way; the digests were checked all the same.)
+            let checkable = parent_chain
+                .as_ref()
+                .is_none_or(|p| p.starts_with("sha256:"));
+            if checkable && chain != req.target {
+                return Err(RemoteFailure::Fail(Error::FailedPrecondition(format!(
+                    "layer {} on {parent:?} has chain id {chain}, not the target {}",
+                    req.layer, req.target
+                ))));
+            }
+            // One sync for the whole layer, before any record names it.
+            let synced = std::time::Instant::now();
+            let f = std::fs::File::open(&upper)
+                .map_err(|e| Error::io(format!("open {}", upper.display()), e))?;
+            nix::unistd::syncfs(&f)
+                .map_err(|e| Error::io(format!("syncfs {}", upper.display()), e.into()))?;
+            let usage = disk_usage(&upper)?;
+            Ok::<_, RemoteFailure>((u, synced.elapsed(), usage))
+        })();
+        let (u, sync_time, usage) = match unpacked {
+            Ok(u) => u,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e);
+            }
+        };
+        let r = &u.report;
+        tracing::info!(
+            layer = %req.layer,
+            target = %req.target,
+            entries = r.counts.entries,
+            compressed = r.compressed_bytes,
+            uncompressed = r.uncompressed_bytes,
+            elapsed_ms = r.elapsed.as_millis() as u64,
+            read_ms = r.read_time.as_millis() as u64,
+            decompress_ms = r.decompress_time.as_millis() as u64,
+            write_ms = r.write_time.as_millis() as u64,
+            sync_ms = sync_time.as_millis() as u64,
+            "layer unpacked by strata"
+        );
+        match self
+            .meta
+            .create_committed(id, &name, parent, &parent_ids, labels.clone(), usage)
+        {
+            Ok(_) => Ok(()),
+            // Another Prepare of the same layer got there first: ours goes.
+            Err(Error::AlreadyExists(_)) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                if self.existing_layer(&name, req, parent)? {
+                    Ok(())
+                } else {
+                    Err(Error::FailedPrecondition(format!(
+                        "snapshot {name:?} exists but is not layer {} on {parent:?}",
+                        req.layer
+                    ))
+                    .into())
+                }
+            }
+            // The directory stays: a failed synced write may still be
+            // replayed at the next start; Cleanup removes it otherwise.
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Whether `name` is already this layer (committed, on `parent`, with
+    /// the target label); an error if it is something else.
+    fn existing_layer(&self, name: &str, req: &LayerRequest, parent: &str) -> Result<bool> {
+        match self.meta.get(name) {
+            Ok(r)
+                if r.kind() == Kind::Committed
+                    && r.parent == parent
+                    && r.labels.get(TARGET_REF) == Some(&req.target) =>
+            {
+                Ok(true)
+            }
+            Ok(_) => Err(Error::FailedPrecondition(format!(
+                "snapshot {name:?} exists but is not layer {} on {parent:?}",
+                req.layer
+            ))),
+            Err(Error::NotFound(_)) => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     fn commit(&self, name: &str, key: &str, labels: Labels) -> Result<()> {

@@ -77,9 +77,13 @@ pub enum BenchCmd {
     Pull {
         #[command(flatten)]
         daemons: Daemons,
-        /// Image size, MiB (4 gzip layers plus busybox).
+        /// Image size, MiB, before compression.
         #[arg(long, default_value_t = 128)]
         mib: usize,
+        /// The image: generated layers, or a language runtime built from
+        /// this machine's files.
+        #[arg(long, value_enum, default_value_t = pull::BenchImage::Synthetic)]
+        image: pull::BenchImage,
         /// Rounds (alternating between configurations).
         #[arg(long, default_value_t = 3)]
         rounds: usize,
@@ -362,10 +366,17 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
         BenchCmd::Pull {
             daemons,
             mib,
+            image,
             rounds,
         } => {
             let mut r = report(&daemons.workdir, 64)?;
-            r.rows = pull::run(&pull_configs(&daemons)?, &daemons.workdir, mib, rounds)?;
+            r.rows = pull::run(
+                &pull_configs(&daemons)?,
+                &daemons.workdir,
+                image,
+                mib,
+                rounds,
+            )?;
             finish(&r, &daemons.json)
         }
         BenchCmd::Scaling {
@@ -415,6 +426,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
             r.rows.extend(pull::run(
                 &pull_configs(&daemons)?,
                 &daemons.workdir,
+                pull::BenchImage::Synthetic,
                 mib,
                 rounds,
             )?);
@@ -451,8 +463,10 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
 }
 
 fn pull_configs(d: &Daemons) -> Result<Vec<pull::Config>> {
+    let exe = std::env::current_exe()?;
     let mut c = vec![
-        pull::Config::Strata(std::env::current_exe()?),
+        pull::Config::StrataPull(exe.clone()),
+        pull::Config::Strata(exe),
         pull::Config::Builtin,
     ];
     if let Some(bin) = refproxy_bin(&d.refproxy)? {

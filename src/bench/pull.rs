@@ -21,8 +21,11 @@ pub enum Config {
     Builtin,
     /// `refproxy` as snapshotter and content store.
     Refproxy(PathBuf),
-    /// strata (this binary) as snapshotter and content store.
+    /// strata (this binary) as snapshotter and content store; `ctr image
+    /// pull`, so containerd downloads and unpacks.
     Strata(PathBuf),
+    /// The same, but `strata pull`: strata fetches and unpacks itself.
+    StrataPull(PathBuf),
 }
 
 impl Config {
@@ -31,8 +34,57 @@ impl Config {
             Config::Builtin => "containerd",
             Config::Refproxy(_) => "refproxy",
             Config::Strata(_) => "strata",
+            Config::StrataPull(_) => "strata-pull",
         }
     }
+}
+
+/// A language runtime image from real files on this machine, about `mib`
+/// MiB: busybox; a base layer of shared libraries
+/// (`/usr/lib/x86_64-linux-gnu`, 40%); a runtime layer (CPython under
+/// `/root/.pyenv`, else `/usr/lib/python3*`, 55%); a small app layer.
+pub fn runtime_image(mib: usize) -> Result<image::Image> {
+    let total = (mib as u64) << 20;
+    let python = std::fs::read_dir("/root/.pyenv/versions")
+        .ok()
+        .and_then(|mut rd| rd.next())
+        .and_then(|e| e.ok())
+        .map(|e| e.path())
+        .unwrap_or_else(|| PathBuf::from("/usr/lib/python3"));
+    let libdir = if Path::new("/usr/lib/x86_64-linux-gnu").is_dir() {
+        PathBuf::from("/usr/lib/x86_64-linux-gnu")
+    } else {
+        PathBuf::from("/usr/lib")
+    };
+    let app: Vec<image::Entry> = std::iter::once(image::Entry::Dir("app".into()))
+        .chain((0..50).map(|i| {
+            image::Entry::File(
+                format!("app/module{i}.py"),
+                format!("# module {i}\nVALUE = {i}\n")
+                    .repeat(200)
+                    .into_bytes(),
+                0o644,
+            )
+        }))
+        .collect();
+    Ok(image::Image {
+        layers: vec![
+            image::busybox_layer()?,
+            vec![image::Entry::HostTree {
+                src: libdir,
+                dest: "usr/lib/base".into(),
+                max_bytes: total * 2 / 5,
+            }],
+            vec![image::Entry::HostTree {
+                src: python,
+                dest: "opt/runtime".into(),
+                max_bytes: total * 11 / 20,
+            }],
+            app,
+        ],
+        cmd: vec!["/bin/sh".into(), "-c".into(), "ls /app >/dev/null".into()],
+        uncompressed: false,
+    })
 }
 
 /// The bench image: busybox and `layers` gzip layers of `mib` MiB in all,
@@ -84,7 +136,7 @@ fn once(cfg: &Config, dir: &Path, proxy: &CountingProxy, reference: &str) -> Res
             daemon = Some(p);
             ContainerdSetup::proxy(&socket, "refproxy")
         }
-        Config::Strata(bin) => {
+        Config::Strata(bin) | Config::StrataPull(bin) => {
             let s = Strata::start(bin, dir, &[])?;
             let setup = ContainerdSetup::strata(&s.socket);
             daemon = Some(s.into_proc());
@@ -94,12 +146,23 @@ fn once(cfg: &Config, dir: &Path, proxy: &CountingProxy, reference: &str) -> Res
     let snapshotter = match cfg {
         Config::Builtin => "overlayfs",
         Config::Refproxy(_) => "refproxy",
-        Config::Strata(_) => "strata",
+        Config::Strata(_) | Config::StrataPull(_) => "strata",
     };
     let mut cd = Containerd::start(&dir.join("containerd"), &setup)?;
     let before = proxy.bytes_down();
     let start = Instant::now();
-    cd.pull(snapshotter, reference)?;
+    match cfg {
+        Config::StrataPull(bin) => {
+            let socket = cd.socket.display().to_string();
+            harness::run(
+                std::process::Command::new(bin)
+                    .args(["pull", "-a", &socket, "-n", "strata", reference]),
+            )?;
+        }
+        _ => {
+            cd.pull(snapshotter, reference)?;
+        }
+    }
     let pull = start.elapsed();
     let fetched = proxy.bytes_down() - before;
     let start = Instant::now();
@@ -126,16 +189,40 @@ fn once(cfg: &Config, dir: &Path, proxy: &CountingProxy, reference: &str) -> Res
     })
 }
 
+/// Which image the pull bench uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchImage {
+    /// Busybox and four generated layers, half noise, half text.
+    Synthetic,
+    /// A language runtime from this machine's files ([`runtime_image`]).
+    Runtime,
+}
+
 /// Pulls + runs the bench image `rounds` times per configuration,
 /// alternating; one row per configuration for pull and for run.
-pub fn run(configs: &[Config], workdir: &Path, mib: usize, rounds: usize) -> Result<Vec<OpStats>> {
+pub fn run(
+    configs: &[Config],
+    workdir: &Path,
+    which: BenchImage,
+    mib: usize,
+    rounds: usize,
+) -> Result<Vec<OpStats>> {
     std::fs::create_dir_all(workdir)?;
     let tmp = tempfile::Builder::new()
         .prefix("strata-bench-pull")
         .tempdir_in(workdir)?;
     let mut registry = Registry::start(&tmp.path().join("registry"))?;
-    let img = bench_image(4, mib)?;
-    img.write_layout(&tmp.path().join("oci"), "v1")?;
+    let img = match which {
+        BenchImage::Synthetic => bench_image(4, mib)?,
+        BenchImage::Runtime => runtime_image(mib)?,
+    };
+    let written = img.write_layout(&tmp.path().join("oci"), "v1")?;
+    let compressed: u64 = written.layer_sizes.iter().sum();
+    eprintln!(
+        "pull bench image: {} layers, {:.1} MiB compressed",
+        written.layer_sizes.len(),
+        compressed as f64 / (1 << 20) as f64
+    );
     registry.push(&tmp.path().join("oci"), "v1", "bench/pull:v1")?;
     let proxy = CountingProxy::start(&registry.addr)?;
     let reference = format!("{}/bench/pull:v1", proxy.addr);

@@ -20,6 +20,92 @@ pub enum Entry {
     Symlink(String, String),
     /// Deletes a path of a lower layer (`.wh.NAME`).
     Whiteout(String),
+    /// Hides everything a lower layer has in this directory
+    /// (`DIR/.wh..wh..opq`).
+    Opaque(String),
+    /// A regular file with owner, mode and extended attributes (PAX
+    /// `SCHILY.xattr.*` records).
+    Rich {
+        /// Path.
+        path: String,
+        /// Bytes.
+        data: Vec<u8>,
+        /// Mode, with setuid/setgid/sticky bits.
+        mode: u32,
+        /// Owner.
+        uid: u64,
+        /// Group.
+        gid: u64,
+        /// Extended attributes.
+        xattrs: Vec<(String, Vec<u8>)>,
+    },
+    /// A hard link to an earlier entry of the same layer.
+    Hardlink(String, String),
+    /// A named pipe.
+    Fifo(String),
+    /// A character device (major, minor).
+    CharDev(String, u32, u32),
+    /// Real files: the directory tree `src` of this machine under `dest`
+    /// (directories, regular files, symlinks, with their modes), until
+    /// `max_bytes` of file content.
+    HostTree {
+        /// The directory on this machine.
+        src: std::path::PathBuf,
+        /// Where it goes in the layer.
+        dest: String,
+        /// Stop adding files past this many bytes.
+        max_bytes: u64,
+    },
+}
+
+/// Appends the tree under `src` as `dest`, depth first in name order, until
+/// `max_bytes` of file content; unreadable entries and other file types are
+/// left out.
+fn append_host_tree(
+    b: &mut tar::Builder<Vec<u8>>,
+    src: &Path,
+    dest: &str,
+    max_bytes: u64,
+) -> Result<u64> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut added = 0u64;
+    let mut stack = vec![(src.to_path_buf(), dest.trim_end_matches('/').to_string())];
+    while let Some((dir, name)) = stack.pop() {
+        let mut h = header(tar::EntryType::Directory, 0o755, 0);
+        b.append_data(&mut h, format!("{name}/"), std::io::empty())?;
+        let mut entries: Vec<_> = match std::fs::read_dir(&dir) {
+            Ok(rd) => rd.filter_map(|e| e.ok()).collect(),
+            Err(_) => continue,
+        };
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries.into_iter().rev() {
+            let path = e.path();
+            let child = format!("{name}/{}", e.file_name().to_string_lossy());
+            let Ok(m) = std::fs::symlink_metadata(&path) else {
+                continue;
+            };
+            if m.is_dir() {
+                stack.push((path, child));
+            } else if m.file_type().is_symlink() {
+                if let Ok(target) = std::fs::read_link(&path) {
+                    let mut h = header(tar::EntryType::Symlink, 0o777, 0);
+                    b.append_link(&mut h, &child, target)?;
+                }
+            } else if m.is_file() && added < max_bytes {
+                let Ok(data) = std::fs::read(&path) else {
+                    continue;
+                };
+                let mut h = header(
+                    tar::EntryType::Regular,
+                    m.permissions().mode() & 0o7777,
+                    data.len() as u64,
+                );
+                b.append_data(&mut h, &child, data.as_slice())?;
+                added += data.len() as u64;
+            }
+        }
+    }
+    Ok(added)
 }
 
 /// An image: layers from the bottom, and the command to run.
@@ -41,6 +127,8 @@ pub struct Written {
     pub manifest_digest: String,
     /// Compressed layer sizes.
     pub layer_sizes: Vec<u64>,
+    /// The layers' diff_ids (digests of the uncompressed tars).
+    pub diff_ids: Vec<String>,
 }
 
 fn sha256(b: &[u8]) -> String {
@@ -78,6 +166,55 @@ fn layer_tar(entries: &[Entry]) -> Result<Vec<u8>> {
             Entry::Symlink(p, target) => {
                 let mut h = header(tar::EntryType::Symlink, 0o777, 0);
                 b.append_link(&mut h, p, target)?;
+            }
+            Entry::Opaque(dir) => {
+                let mut h = header(tar::EntryType::Regular, 0o644, 0);
+                b.append_data(
+                    &mut h,
+                    format!("{}/.wh..wh..opq", dir.trim_end_matches('/')),
+                    std::io::empty(),
+                )?;
+            }
+            Entry::Rich {
+                path,
+                data,
+                mode,
+                uid,
+                gid,
+                xattrs,
+            } => {
+                if !xattrs.is_empty() {
+                    let records: Vec<(String, &[u8])> = xattrs
+                        .iter()
+                        .map(|(k, v)| (format!("SCHILY.xattr.{k}"), v.as_slice()))
+                        .collect();
+                    b.append_pax_extensions(records.iter().map(|(k, v)| (k.as_str(), *v)))?;
+                }
+                let mut h = header(tar::EntryType::Regular, *mode, data.len() as u64);
+                h.set_uid(*uid);
+                h.set_gid(*gid);
+                b.append_data(&mut h, path, data.as_slice())?;
+            }
+            Entry::Hardlink(p, target) => {
+                let mut h = header(tar::EntryType::Link, 0o644, 0);
+                b.append_link(&mut h, p, target)?;
+            }
+            Entry::Fifo(p) => {
+                let mut h = header(tar::EntryType::Fifo, 0o644, 0);
+                b.append_data(&mut h, p, std::io::empty())?;
+            }
+            Entry::CharDev(p, major, minor) => {
+                let mut h = header(tar::EntryType::Char, 0o666, 0);
+                h.set_device_major(*major)?;
+                h.set_device_minor(*minor)?;
+                b.append_data(&mut h, p, std::io::empty())?;
+            }
+            Entry::HostTree {
+                src,
+                dest,
+                max_bytes,
+            } => {
+                append_host_tree(&mut b, src, dest, *max_bytes)?;
             }
             Entry::Whiteout(p) => {
                 let path = Path::new(p);
@@ -133,7 +270,7 @@ impl Image {
             "architecture": std::env::consts::ARCH.replace("x86_64", "amd64").replace("aarch64", "arm64"),
             "os": "linux",
             "config": { "Cmd": self.cmd, "Env": ["PATH=/bin"] },
-            "rootfs": { "type": "layers", "diff_ids": diff_ids },
+            "rootfs": { "type": "layers", "diff_ids": &diff_ids },
         }))?;
         let config_digest = put_blob(dir, &config)?;
         let manifest = serde_json::to_vec(&json!({
@@ -160,6 +297,7 @@ impl Image {
         Ok(Written {
             manifest_digest,
             layer_sizes,
+            diff_ids,
         })
     }
 }
@@ -241,6 +379,101 @@ pub fn demo_image() -> Result<Image> {
             "-c".into(),
             "ls /data; cat /data/kept.txt /data/overwritten.txt /data/added.txt".into(),
         ],
+        uncompressed: false,
+    })
+}
+
+/// An image with every kind of entry a layer can hold, for comparing
+/// unpackers: busybox; then owners, modes with setuid/setgid/sticky, a
+/// hard link, a symlink, a fifo, a character device, `security.capability`
+/// and `user.` xattrs, a name longer than 100 bytes, directories to delete
+/// and to make opaque; then a layer that whites out a directory and a file,
+/// makes a directory opaque, overwrites and adds.
+pub fn rich_image() -> Result<Image> {
+    // VFS_CAP_REVISION_2, effective, with cap_net_bind_service (bit 10)
+    // permitted.
+    let mut cap = Vec::new();
+    for w in [0x0200_0001u32, 1 << 10, 0, 0, 0] {
+        cap.extend_from_slice(&w.to_le_bytes());
+    }
+    let long = format!("rich/{}/{}", "d".repeat(60), "f".repeat(80));
+    let layer2 = vec![
+        Entry::Dir("rich".into()),
+        Entry::Rich {
+            path: "rich/owned".into(),
+            data: b"owned by 1000:1001\n".to_vec(),
+            mode: 0o640,
+            uid: 1000,
+            gid: 1001,
+            xattrs: vec![("user.strata".into(), b"hello".to_vec())],
+        },
+        Entry::Rich {
+            path: "rich/suid".into(),
+            data: b"#!/bin/sh\necho suid\n".to_vec(),
+            mode: 0o4755,
+            uid: 0,
+            gid: 0,
+            xattrs: vec![],
+        },
+        Entry::Rich {
+            path: "rich/sgid-sticky".into(),
+            data: b"x\n".to_vec(),
+            mode: 0o3775,
+            uid: 0,
+            gid: 50,
+            xattrs: vec![],
+        },
+        Entry::Rich {
+            path: "rich/cap".into(),
+            data: b"has a capability\n".to_vec(),
+            mode: 0o755,
+            uid: 0,
+            gid: 0,
+            xattrs: vec![("security.capability".into(), cap)],
+        },
+        // Tar writers give a hard link its target's owner and mode, and
+        // containerd applies them to the inode: link a file that has the
+        // link header's (0644, root).
+        Entry::File("rich/plain".into(), b"linked twice\n".to_vec(), 0o644),
+        Entry::Hardlink("rich/hard".into(), "rich/plain".into()),
+        Entry::Symlink("rich/link".into(), "owned".into()),
+        Entry::Symlink("rich/dangling".into(), "/nowhere/at/all".into()),
+        Entry::Fifo("rich/fifo".into()),
+        Entry::CharDev("rich/null".into(), 1, 3),
+        Entry::Dir(format!("rich/{}", "d".repeat(60))),
+        Entry::File(long, b"a long name\n".to_vec(), 0o644),
+        Entry::Dir("rich/gone".into()),
+        Entry::File("rich/gone/inside".into(), b"whited out\n".to_vec(), 0o644),
+        Entry::Dir("rich/opaque".into()),
+        Entry::File(
+            "rich/opaque/a".into(),
+            b"hidden by opaque\n".to_vec(),
+            0o644,
+        ),
+        Entry::File(
+            "rich/opaque/b".into(),
+            b"hidden by opaque\n".to_vec(),
+            0o644,
+        ),
+        Entry::File("rich/deleted".into(), b"whited out\n".to_vec(), 0o644),
+    ];
+    let layer3 = vec![
+        Entry::Dir("rich".into()),
+        Entry::Whiteout("rich/gone".into()),
+        Entry::Whiteout("rich/deleted".into()),
+        Entry::Dir("rich/opaque".into()),
+        Entry::Opaque("rich/opaque".into()),
+        Entry::File("rich/opaque/c".into(), b"after opaque\n".to_vec(), 0o644),
+        Entry::File(
+            "rich/suid".into(),
+            b"#!/bin/sh\necho new\n".to_vec(),
+            0o4750,
+        ),
+        Entry::File("rich/added".into(), b"added in layer 3\n".to_vec(), 0o600),
+    ];
+    Ok(Image {
+        layers: vec![busybox_layer()?, layer2, layer3],
+        cmd: vec!["/bin/ls".into(), "/rich".into()],
         uncompressed: false,
     })
 }

@@ -27,3 +27,180 @@ pub fn tempdir() -> tempfile::TempDir {
 pub fn strata_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_strata"))
 }
+
+/// One entry of a filesystem tree as a container sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TreeEntry {
+    /// `file`, `dir`, `symlink`, `fifo`, `char`, `block`, `socket`.
+    pub kind: &'static str,
+    /// Permission bits with setuid/setgid/sticky.
+    pub mode: u32,
+    /// Owner.
+    pub uid: u32,
+    /// Group.
+    pub gid: u32,
+    /// Size of a regular file or symlink.
+    pub size: u64,
+    /// SHA-256 of a regular file's bytes.
+    pub sha256: Option<String>,
+    /// A symlink's target.
+    pub link: Option<String>,
+    /// A device's numbers.
+    pub rdev: u64,
+    /// Extended attributes (not `security.selinux`), sorted.
+    pub xattrs: Vec<(String, Vec<u8>)>,
+    /// Hard links to the same inode.
+    pub nlink: u64,
+}
+
+/// Every entry under `root`, by path relative to it.
+pub fn tree(root: &Path) -> anyhow::Result<std::collections::BTreeMap<String, TreeEntry>> {
+    use sha2::Digest;
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let mut out = std::collections::BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir)? {
+            let p = e?.path();
+            let m = std::fs::symlink_metadata(&p)?;
+            let ft = m.file_type();
+            let kind = if ft.is_dir() {
+                "dir"
+            } else if ft.is_symlink() {
+                "symlink"
+            } else if ft.is_fifo() {
+                "fifo"
+            } else if ft.is_char_device() {
+                "char"
+            } else if ft.is_block_device() {
+                "block"
+            } else if ft.is_socket() {
+                "socket"
+            } else {
+                "file"
+            };
+            let mut xattrs = Vec::new();
+            for name in xattr::list(&p)? {
+                let name = name.to_string_lossy().into_owned();
+                if name == "security.selinux" {
+                    continue;
+                }
+                let v = xattr::get(&p, &name)?.unwrap_or_default();
+                xattrs.push((name, v));
+            }
+            xattrs.sort();
+            let rel = p.strip_prefix(root)?.to_string_lossy().into_owned();
+            out.insert(
+                rel,
+                TreeEntry {
+                    kind,
+                    mode: m.mode() & 0o7777,
+                    uid: m.uid(),
+                    gid: m.gid(),
+                    size: if ft.is_file() || ft.is_symlink() {
+                        m.len()
+                    } else {
+                        0
+                    },
+                    sha256: if ft.is_file() {
+                        Some(format!("{:x}", sha2::Sha256::digest(std::fs::read(&p)?)))
+                    } else {
+                        None
+                    },
+                    link: if ft.is_symlink() {
+                        Some(std::fs::read_link(&p)?.to_string_lossy().into_owned())
+                    } else {
+                        None
+                    },
+                    rdev: m.rdev(),
+                    xattrs,
+                    nlink: if ft.is_dir() { 0 } else { m.nlink() },
+                },
+            );
+            if ft.is_dir() {
+                stack.push(p);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The differences between two trees, one line each (empty: the same).
+pub fn tree_diff(
+    a: &std::collections::BTreeMap<String, TreeEntry>,
+    b: &std::collections::BTreeMap<String, TreeEntry>,
+) -> Vec<String> {
+    let mut d = Vec::new();
+    for (p, ea) in a {
+        match b.get(p) {
+            None => d.push(format!("only in the first: {p} {ea:?}")),
+            Some(eb) if eb != ea => d.push(format!("{p}: {ea:?} vs {eb:?}")),
+            _ => {}
+        }
+    }
+    for (p, eb) in b {
+        if !a.contains_key(p) {
+            d.push(format!("only in the second: {p} {eb:?}"));
+        }
+    }
+    d
+}
+
+/// The tree a container of `snapshot`'s image sees: a read-only view of it
+/// through `ctr snapshots view`, mounted under `dir`, walked, unmounted and
+/// removed.
+pub fn view_tree(
+    cd: &mut strata::harness::Containerd,
+    snapshotter: &str,
+    snapshot: &str,
+    dir: &Path,
+) -> anyhow::Result<std::collections::BTreeMap<String, TreeEntry>> {
+    let key = format!("tree-view-{snapshotter}");
+    let out = cd.ctr(&[
+        "snapshots",
+        "--snapshotter",
+        snapshotter,
+        "view",
+        "--mounts",
+        &key,
+        snapshot,
+    ])?;
+    let mounts: Vec<serde_json::Value> = serde_json::from_str(&out)
+        .map_err(|e| anyhow::anyhow!("ctr snapshots view --mounts printed {out:?}: {e}"))?;
+    let m = mounts
+        .first()
+        .ok_or_else(|| anyhow::anyhow!("no mounts for {snapshot}"))?;
+    // ctr prints containerd's mount.Mount, whose fields carry no JSON tags.
+    let field = |k: &str| {
+        let upper = format!("{}{}", k[..1].to_uppercase(), &k[1..]);
+        m.get(k)
+            .or_else(|| m.get(upper.as_str()))
+            .cloned()
+            .unwrap_or_default()
+    };
+    let kind = field("type").as_str().unwrap_or_default().to_string();
+    let source = field("source").as_str().unwrap_or_default().to_string();
+    let options: Vec<String> = field("options")
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|o| o.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default();
+    let target = dir.join(format!("view-{snapshotter}"));
+    std::fs::create_dir_all(&target)?;
+    let status = std::process::Command::new("mount")
+        .arg("-t")
+        .arg(&kind)
+        .arg("-o")
+        .arg(options.join(","))
+        .arg(&source)
+        .arg(&target)
+        .status()?;
+    anyhow::ensure!(status.success(), "mount {kind} {source} {options:?} failed");
+    let walked = tree(&target);
+    let _ = std::process::Command::new("umount").arg(&target).status();
+    let _ = cd.ctr(&["snapshots", "--snapshotter", snapshotter, "rm", &key]);
+    walked
+}

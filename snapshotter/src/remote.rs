@@ -1,0 +1,326 @@
+//! The unpack fast path, through containerd's remote-snapshot protocol.
+//!
+//! containerd's unpacker (under CRI, or the 2.1+ transfer service with the
+//! proxy plugin's `enable_remote_snapshot_annotations`) and `strata pull`
+//! call Prepare with labels naming the layer: [`TARGET_REF`] (the chain id
+//! the layer will be committed as), [`CRI_IMAGE_REF`], [`CRI_LAYER_DIGEST`],
+//! [`CRI_MANIFEST_DIGEST`] and [`CRI_IMAGE_LAYERS`]. Then strata itself
+//!
+//! 1. finds the layer's expected diff_id: the manifest (by digest) and its
+//!    config from the registry, cached per manifest;
+//! 2. fetches the blob with several range requests in flight
+//!    ([`strata_registry::Client::fetch_blob_parallel`]);
+//! 3. decompresses and extracts it into the new snapshot's directory
+//!    ([`strata_unpack::apply`], path-safe, whiteouts as overlayfs's, missing
+//!    parents from the lower layers), checking the compressed digest and the
+//!    diff_id on the way;
+//!
+//! and the overlay snapshotter syncs the layer's filesystem once, commits it
+//! under the target and answers AlreadyExists, so containerd neither
+//! downloads nor unpacks it. A digest that does not match fails the Prepare;
+//! a registry that cannot be reached falls back to the ordinary Prepare (a
+//! log line says why), and containerd does the work.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use strata_registry::{Client, ClientConfig, Digest, Manifest, ParallelOptions, Reference};
+
+use crate::types::Labels;
+
+/// The key the layer is committed as (containerd's `snapshots.TargetRefLabel`).
+pub const TARGET_REF: &str = "containerd.io/snapshot.ref";
+/// The image reference (CRI's label, also set by the transfer service and
+/// `strata pull`).
+pub const CRI_IMAGE_REF: &str = "containerd.io/snapshot/cri.image-ref";
+/// The layer's compressed digest.
+pub const CRI_LAYER_DIGEST: &str = "containerd.io/snapshot/cri.layer-digest";
+/// The image manifest's digest.
+pub const CRI_MANIFEST_DIGEST: &str = "containerd.io/snapshot/cri.manifest-digest";
+/// Every layer digest of the image, bottom first, comma-separated.
+pub const CRI_IMAGE_LAYERS: &str = "containerd.io/snapshot/cri.image-layers";
+
+/// Why the fast path did not unpack a layer.
+#[derive(Debug, thiserror::Error)]
+pub enum RemoteError {
+    /// The labels are malformed.
+    #[error("remote-snapshot labels: {0}")]
+    Labels(String),
+    /// The registry could not give the layer, its manifest or config: the
+    /// ordinary path may still work (containerd may have the blob).
+    #[error("fetching {what}: {source}")]
+    Fetch {
+        /// What was being fetched.
+        what: String,
+        /// Why it failed.
+        source: strata_registry::Error,
+    },
+    /// The layer is not what the image says it is.
+    #[error("layer {layer}: {msg}")]
+    Mismatch {
+        /// The layer digest.
+        layer: String,
+        /// What did not match.
+        msg: String,
+    },
+    /// Extraction failed (an unsafe entry, a damaged archive, the disk).
+    #[error("unpacking layer {layer}: {source}")]
+    Unpack {
+        /// The layer digest.
+        layer: String,
+        /// Why.
+        source: strata_unpack::Error,
+    },
+}
+
+impl RemoteError {
+    /// Whether the ordinary path should be tried instead: only when the
+    /// registry could not be reached or refused, never for bad data.
+    pub fn falls_back(&self) -> bool {
+        matches!(self, RemoteError::Fetch { .. } | RemoteError::Labels(_))
+    }
+}
+
+/// One layer to unpack, from Prepare's labels.
+#[derive(Debug, Clone)]
+pub struct LayerRequest {
+    /// The key to commit the layer as.
+    pub target: String,
+    /// The image.
+    pub image: Reference,
+    /// The layer's digest.
+    pub layer: Digest,
+    /// The manifest's digest, when given.
+    pub manifest: Option<Digest>,
+}
+
+impl LayerRequest {
+    /// The request in `labels`, if they carry one (target, image and layer;
+    /// the manifest is optional).
+    pub fn from_labels(labels: &Labels) -> Option<Result<LayerRequest, RemoteError>> {
+        let target = labels.get(TARGET_REF)?;
+        let image = labels.get(CRI_IMAGE_REF)?;
+        let layer = labels.get(CRI_LAYER_DIGEST)?;
+        Some((|| {
+            let digest = |s: &str| {
+                s.parse::<Digest>()
+                    .map_err(|e| RemoteError::Labels(format!("digest {s:?}: {e}")))
+            };
+            Ok(LayerRequest {
+                target: target.clone(),
+                image: Reference::parse(image)
+                    .map_err(|e| RemoteError::Labels(format!("image {image:?}: {e}")))?,
+                layer: digest(layer)?,
+                manifest: labels
+                    .get(CRI_MANIFEST_DIGEST)
+                    .map(|m| digest(m))
+                    .transpose()?,
+            })
+        })())
+    }
+}
+
+/// A layer of a manifest: its size and the diff_id its config gives it.
+#[derive(Debug, Clone)]
+struct LayerInfo {
+    size: u64,
+    diff_id: String,
+}
+
+/// Fetches and unpacks layers for the overlay snapshotter.
+pub struct Unpacker {
+    client: Client,
+    parallel: ParallelOptions,
+    /// Layers by manifest digest: one manifest and config fetch per image.
+    layers: Mutex<HashMap<String, HashMap<String, LayerInfo>>>,
+}
+
+/// What an unpack did, for the log and the bench.
+#[derive(Debug, Clone)]
+pub struct Unpacked {
+    /// The extraction's report (digests, counts, time split).
+    pub report: strata_unpack::Report,
+}
+
+impl Unpacker {
+    /// An unpacker with the registry settings `cfg`, `parallelism` range
+    /// requests in flight per layer.
+    pub fn new(cfg: ClientConfig, parallelism: usize) -> Result<Unpacker, strata_registry::Error> {
+        Ok(Unpacker {
+            client: Client::new(cfg)?,
+            parallel: ParallelOptions::new(
+                ParallelOptions::default().range_size,
+                parallelism.max(1),
+            ),
+            layers: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The layers of the request's image: by its manifest digest, else by
+    /// resolving its reference for this host's platform.
+    async fn layer_info(&self, req: &LayerRequest) -> Result<LayerInfo, RemoteError> {
+        let key = req.manifest.as_ref().map(|m| m.to_string());
+        if let Some(k) = &key {
+            if let Some(l) = self
+                .layers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(k)
+                .and_then(|m| m.get(&req.layer.to_string()))
+            {
+                return Ok(l.clone());
+            }
+        }
+        let fetch = |what: String| move |source| RemoteError::Fetch { what, source };
+        let (manifest_digest, manifest) = match &req.manifest {
+            Some(d) => {
+                let m = self
+                    .client
+                    .fetch_manifest(&req.image.with_digest(d.clone()))
+                    .await
+                    .map_err(fetch(format!("manifest {d}")))?;
+                match m.value {
+                    Manifest::Image(im) => (d.to_string(), *im),
+                    Manifest::Index(_) => {
+                        return Err(RemoteError::Labels(format!(
+                            "{CRI_MANIFEST_DIGEST} {d} names an index, not an image manifest"
+                        )))
+                    }
+                }
+            }
+            None => {
+                let r = self
+                    .client
+                    .resolve(&req.image, &strata_registry::Platform::host())
+                    .await
+                    .map_err(fetch(format!("image {}", req.image)))?;
+                (r.manifest.digest.to_string(), r.manifest.value)
+            }
+        };
+        let config_desc = manifest.config();
+        let config = self
+            .client
+            .fetch_blob_bytes(&req.image, config_desc.digest(), Some(config_desc.size()))
+            .await
+            .map_err(fetch(format!("config {}", config_desc.digest())))?;
+        let config: oci_spec::image::ImageConfiguration =
+            serde_json::from_slice(&config).map_err(|e| RemoteError::Mismatch {
+                layer: req.layer.to_string(),
+                msg: format!("image config {} does not parse: {e}", config_desc.digest()),
+            })?;
+        let diff_ids = config.rootfs().diff_ids();
+        if diff_ids.len() != manifest.layers().len() {
+            return Err(RemoteError::Mismatch {
+                layer: req.layer.to_string(),
+                msg: format!(
+                    "manifest {manifest_digest} has {} layers but its config {} diff_ids",
+                    manifest.layers().len(),
+                    diff_ids.len()
+                ),
+            });
+        }
+        let map: HashMap<String, LayerInfo> = manifest
+            .layers()
+            .iter()
+            .zip(diff_ids)
+            .map(|(l, d)| {
+                (
+                    l.digest().to_string(),
+                    LayerInfo {
+                        size: l.size(),
+                        diff_id: d.clone(),
+                    },
+                )
+            })
+            .collect();
+        let found = map.get(&req.layer.to_string()).cloned();
+        self.layers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(manifest_digest.clone(), map);
+        // Labels that do not fit the registry's image (a moved tag, another
+        // platform): containerd can still do it the ordinary way.
+        found.ok_or_else(|| {
+            RemoteError::Labels(format!(
+                "layer {} is not a layer of manifest {manifest_digest}",
+                req.layer
+            ))
+        })
+    }
+
+    /// Fetches the layer and applies it into `dir` (empty), with `lowers`
+    /// (the parent chain's layer directories, nearest first) for missing
+    /// parent directories; `userxattr` as the overlay mounts it. Blocking:
+    /// call it on a blocking thread of a tokio runtime. On error, `dir` may
+    /// hold part of the layer.
+    pub fn unpack(
+        &self,
+        req: &LayerRequest,
+        dir: &Path,
+        lowers: Vec<PathBuf>,
+        userxattr: bool,
+    ) -> Result<Unpacked, RemoteError> {
+        let rt = tokio::runtime::Handle::current();
+        let info = rt.block_on(self.layer_info(req))?;
+        let stream = rt
+            .block_on(self.client.fetch_blob_parallel(
+                &req.image,
+                &req.layer,
+                Some(info.size),
+                &self.parallel,
+            ))
+            .map_err(|source| RemoteError::Fetch {
+                what: format!("layer {}", req.layer),
+                source,
+            })?;
+        let reader = tokio_util::io::SyncIoBridge::new_with_handle(stream.into_reader(), rt);
+        let opts = strata_unpack::ApplyOptions {
+            userxattr,
+            lower_dirs: lowers,
+            expected_digest: Some(req.layer.to_string()),
+            expected_diff_id: Some(info.diff_id.clone()),
+            ..Default::default()
+        };
+        let report = strata_unpack::apply(reader, dir, &opts).map_err(|source| {
+            // The registry gave up mid-blob (after its retries): that is a
+            // fetch failure, which may fall back; bad bytes are not.
+            let fetch = match &source {
+                strata_unpack::Error::Io { source: io, .. } => io
+                    .get_ref()
+                    .and_then(|e| e.downcast_ref::<strata_registry::Error>())
+                    .filter(|e| {
+                        !matches!(
+                            e,
+                            strata_registry::Error::DigestMismatch { .. }
+                                | strata_registry::Error::SizeMismatch { .. }
+                        )
+                    })
+                    .is_some(),
+                _ => false,
+            };
+            if fetch {
+                RemoteError::Fetch {
+                    what: format!("layer {}", req.layer),
+                    source: strata_registry::Error::InvalidResponse(source.to_string()),
+                }
+            } else {
+                RemoteError::Unpack {
+                    layer: req.layer.to_string(),
+                    source,
+                }
+            }
+        })?;
+        // `apply` checked both digests; say so plainly if it ever does not.
+        if report.digest != req.layer.to_string() || report.diff_id != info.diff_id {
+            return Err(RemoteError::Mismatch {
+                layer: req.layer.to_string(),
+                msg: format!(
+                    "unpacked {} with diff_id {}, expected diff_id {}",
+                    report.digest, report.diff_id, info.diff_id
+                ),
+            });
+        }
+        Ok(Unpacked { report })
+    }
+}
