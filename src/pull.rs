@@ -169,7 +169,10 @@ impl Api {
     /// An ingest ref unique to this pull, so that two pulls of one image do
     /// not contend for a ref.
     fn ingest_ref(&self, digest: &str) -> String {
-        format!("{}-{digest}", self.lease.as_deref().unwrap_or("strata-pull"))
+        format!(
+            "{}-{digest}",
+            self.lease.as_deref().unwrap_or("strata-pull")
+        )
     }
 }
 
