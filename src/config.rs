@@ -86,6 +86,8 @@ pub struct ContentSettings {
     pub compact_interval_secs: u64,
     /// Compaction rewrites a sealed pack whose live share is below this.
     pub compact_below: f64,
+    /// The unpack fast path keeps each layer's compressed blob here too.
+    pub keep_blobs: bool,
 }
 
 impl Default for ContentSettings {
@@ -99,6 +101,7 @@ impl Default for ContentSettings {
             pack_max_mib: 1024,
             compact_interval_secs: 600,
             compact_below: 0.5,
+            keep_blobs: true,
         }
     }
 }

@@ -84,6 +84,8 @@ pub struct LayerOutcome {
     pub chain_id: String,
     /// How.
     pub path: LayerPath,
+    /// Whether its compressed blob is in containerd's content store.
+    pub blob: bool,
     /// How long it took.
     pub took: Duration,
 }
@@ -239,6 +241,62 @@ impl Api {
                 self.label_blob(digest, labels).await
             }
             Err(e) => Err(e.context(format!("writing {digest} into containerd's content store"))),
+        }
+    }
+
+    /// Records in containerd's namespace a blob that its content store
+    /// holds already (strata's `keep_blobs`), without sending a byte:
+    /// containerd's default "shared" content policy commits a writer whose
+    /// expected digest the store has. Returns whether it was recorded.
+    async fn record_kept(
+        &self,
+        digest: &str,
+        size: i64,
+        labels: HashMap<String, String>,
+    ) -> Result<bool> {
+        let reference = self.ingest_ref(digest);
+        let msg = WriteContentRequest {
+            action: WriteAction::Commit as i32,
+            r#ref: reference.clone(),
+            total: size,
+            expected: digest.to_string(),
+            // A shared writer stands at the blob's end; offset 0 would
+            // truncate it into an ordinary, empty one.
+            offset: size,
+            data: Vec::new(),
+            labels: labels.clone(),
+        };
+        let result = async {
+            let mut s = self
+                .content()
+                .write(self.req(tokio_stream::iter(vec![msg]))?)
+                .await?
+                .into_inner();
+            while s.message().await?.is_some() {}
+            Ok::<_, anyhow::Error>(())
+        }
+        .await;
+        match result {
+            Ok(()) => Ok(true),
+            Err(e)
+                if e.downcast_ref::<tonic::Status>()
+                    .is_some_and(|s| s.code() == Code::AlreadyExists) =>
+            {
+                self.label_blob(digest, labels).await?;
+                Ok(true)
+            }
+            Err(e) => {
+                // The store does not have it (no keep_blobs, or another
+                // snapshotter): drop the empty ingest and go on.
+                tracing::debug!(digest, error = %e, "layer blob not kept");
+                let _ =
+                    self.content()
+                        .abort(self.req(containerd_client::services::v1::AbortRequest {
+                            r#ref: reference,
+                        })?)
+                        .await;
+                Ok(false)
+            }
         }
     }
 
@@ -435,6 +493,7 @@ async fn pull_leased(
 ) -> Result<Vec<LayerOutcome>> {
     let manifest = &resolved.manifest;
     let config = &resolved.config;
+    let diff_ids = config.value.rootfs().diff_ids();
     let manifest_digest = manifest.digest.to_string();
     let config_digest = config.digest.to_string();
     let top = chains.last().cloned().unwrap_or_default();
@@ -587,16 +646,33 @@ async fn pull_leased(
                 }
             }
         };
+        // The blob: downloaded into containerd by the ordinary path; kept by
+        // strata on the fast path, recorded here without a transfer.
+        let blob = match path {
+            LayerPath::Containerd => true,
+            _ => {
+                api.record_kept(
+                    &digest,
+                    layer.size() as i64,
+                    HashMap::from([(
+                        strata_snapshotter::remote::UNCOMPRESSED_LABEL.to_string(),
+                        diff_ids[i].clone(),
+                    )]),
+                )
+                .await?
+            }
+        };
         let outcome = LayerOutcome {
             digest,
             size: layer.size() as i64,
             chain_id: chain.clone(),
             path,
+            blob,
             took: t.elapsed(),
         };
         if opts.progress {
             eprintln!(
-                "layer {}/{n} {} {:.1} MiB: {} in {:.2} s",
+                "layer {}/{n} {} {:.1} MiB: {}{} in {:.2} s",
                 i + 1,
                 outcome.digest,
                 outcome.size as f64 / (1 << 20) as f64,
@@ -605,6 +681,7 @@ async fn pull_leased(
                     LayerPath::Snapshotter => "unpacked by the snapshotter",
                     LayerPath::Containerd => "downloaded and applied by containerd",
                 },
+                if outcome.blob { ", blob kept" } else { "" },
                 outcome.took.as_secs_f64()
             );
         }

@@ -10,7 +10,7 @@ use strata_content::service::ContentService;
 use strata_content::ContentStore;
 use strata_snapshotter::meta::MetaStore;
 use strata_snapshotter::overlay::{OverlayConfig, OverlaySnapshotter};
-use strata_snapshotter::remote::Unpacker;
+use strata_snapshotter::remote::{BlobSink, BlobWrite, Unpacker};
 use strata_snapshotter::service::SnapshotService;
 use strata_snapshotter::Snapshotter;
 use tokio::net::UnixListener;
@@ -77,6 +77,62 @@ fn private_root(root: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `keep_blobs`: the fast path keeps each layer's compressed blob in the
+/// content store as it streams by (committed only once verified), so that
+/// `strata pull` can record it in containerd's namespace without a transfer
+/// and export, push and re-unpack work.
+struct KeepBlobs(ContentStore);
+
+impl BlobSink for KeepBlobs {
+    fn writer(&self, digest: &str, size: u64) -> Option<Box<dyn BlobWrite>> {
+        if self.0.info(digest).is_ok() {
+            return None;
+        }
+        let reference = format!("strata-unpack-{digest}");
+        match self.0.writer(&reference, size as i64, digest) {
+            Ok(mut w) => {
+                if w.status().offset > 0 {
+                    if let Err(e) = w.truncate() {
+                        tracing::warn!(digest, error = %e, "not keeping the layer's blob");
+                        return None;
+                    }
+                }
+                Some(Box::new(KeepWriter {
+                    w,
+                    digest: digest.to_string(),
+                    size: size as i64,
+                }))
+            }
+            Err(e) => {
+                tracing::debug!(digest, error = %e, "not keeping the layer's blob");
+                None
+            }
+        }
+    }
+}
+
+struct KeepWriter {
+    w: strata_content::store::Writer,
+    digest: String,
+    size: i64,
+}
+
+impl BlobWrite for KeepWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<()> {
+        self.w.write(data).map_err(std::io::Error::other)
+    }
+
+    fn commit(
+        mut self: Box<Self>,
+        labels: std::collections::BTreeMap<String, String>,
+    ) -> std::io::Result<()> {
+        match self.w.commit(self.size, &self.digest, labels) {
+            Ok(_) | Err(strata_content::Error::AlreadyExists(_)) => Ok(()),
+            Err(e) => Err(std::io::Error::other(e)),
+        }
+    }
+}
+
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut term), Ok(mut int)) = (
@@ -117,13 +173,41 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         tokio::task::spawn_blocking(move || crate::db::open(&p, &c)).await??
     };
 
+    let store = if cfg.content.enabled {
+        let store = {
+            let (db, c) = (
+                db.clone(),
+                cfg.content.store_config(cfg.root.join("content")),
+            );
+            tokio::task::spawn_blocking(move || ContentStore::open(db, c, true))
+                .await?
+                .context("opening the content store")?
+        };
+        if cfg.content.compact_interval_secs > 0 {
+            tokio::spawn(compact_every(
+                store.clone(),
+                std::time::Duration::from_secs(cfg.content.compact_interval_secs),
+            ));
+        }
+        Some(store)
+    } else {
+        None
+    };
+
     // One registry client for every snapshotter's fast path.
     let unpacker = if cfg.snapshotters.values().any(|s| match s {
         SnapshotterConfig::Overlay(o) => o.fast_unpack,
     }) {
         Some(Arc::new(
-            Unpacker::new(cfg.registry.client_config(), cfg.registry.parallel_ranges)
-                .context("the registry client of the unpack fast path")?,
+            Unpacker::new(
+                cfg.registry.client_config(),
+                cfg.registry.parallel_ranges,
+                store
+                    .clone()
+                    .filter(|_| cfg.content.keep_blobs)
+                    .map(|s| Arc::new(KeepBlobs(s)) as Arc<dyn BlobSink>),
+            )
+            .context("the registry client of the unpack fast path")?,
         ))
     } else {
         None
@@ -153,26 +237,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     }
     let names: Vec<String> = snapshotters.keys().cloned().collect();
     let service = SnapshotService::new(snapshotters);
-    let content = if cfg.content.enabled {
-        let store = {
-            let (db, c) = (
-                db.clone(),
-                cfg.content.store_config(cfg.root.join("content")),
-            );
-            tokio::task::spawn_blocking(move || ContentStore::open(db, c, true))
-                .await?
-                .context("opening the content store")?
-        };
-        if cfg.content.compact_interval_secs > 0 {
-            tokio::spawn(compact_every(
-                store.clone(),
-                std::time::Duration::from_secs(cfg.content.compact_interval_secs),
-            ));
-        }
-        Some(ContentService::new(store).into_server())
-    } else {
-        None
-    };
+    let content = store.map(|s| ContentService::new(s).into_server());
 
     let listener = bind(&cfg.address)?;
     tracing::info!(address = %cfg.address.display(), root = %cfg.root.display(), snapshotters = ?names, content = cfg.content.enabled, "strata serving");

@@ -4,7 +4,8 @@
 //! the remote-snapshot labels, so strata fetches and unpacks them itself;
 //! runc runs a container from it; the tree the container sees is compared,
 //! entry by entry, with the same image pulled and unpacked by containerd's
-//! own overlayfs; image rm + GC clean everything.
+//! own overlayfs; the layer blobs strata kept are in containerd's content
+//! store and the image exports; image rm + GC clean everything.
 
 mod common;
 
@@ -12,6 +13,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Result};
+use sha2::Digest;
 use strata::harness::{image, run, Containerd, ContainerdSetup, Registry, Strata};
 
 fn strata_pull(cd: &Containerd, reference: &str) -> Result<String> {
@@ -58,6 +60,38 @@ fn strata_pull_unpacks_layers_itself_and_the_tree_is_containerds() -> Result<()>
     ensure!(
         out.contains("3 layers, 3 unpacked by strata"),
         "every layer should go through strata's fast path:\n{out}"
+    );
+    ensure!(
+        out.matches("blob kept").count() == 3,
+        "keep_blobs: every layer's blob should be kept:\n{out}\nstrata's log:\n{}",
+        strata.proc().log_tail()
+    );
+    // The blobs strata kept while unpacking are in containerd's content
+    // store (recorded without a transfer), byte for byte, and the image
+    // exports whole.
+    let blobs = cd.ctr(&["content", "ls", "-q"])?;
+    ensure!(
+        blobs.lines().count() == 5,
+        "manifest, config and 3 layers in content: {blobs}"
+    );
+    for d in blobs.lines() {
+        let bytes = cd.ctr_bytes(&["content", "get", d])?;
+        ensure!(
+            format!("sha256:{:x}", sha2::Sha256::digest(&bytes)) == d,
+            "content get {d} returned other bytes"
+        );
+    }
+    let export = dir.join("export.tar");
+    cd.ctr(&[
+        "images",
+        "export",
+        &export.display().to_string(),
+        &reference,
+    ])?;
+    let layers: u64 = written.layer_sizes.iter().sum();
+    ensure!(
+        std::fs::metadata(&export)?.len() > layers,
+        "the export should hold every layer"
     );
     let log = strata.proc().log_tail();
     ensure!(

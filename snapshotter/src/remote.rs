@@ -23,7 +23,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use strata_registry::{Client, ClientConfig, Digest, Manifest, ParallelOptions, Reference};
 
@@ -121,6 +121,33 @@ impl LayerRequest {
     }
 }
 
+/// containerd's label of a layer blob with its uncompressed digest.
+pub const UNCOMPRESSED_LABEL: &str = "containerd.io/uncompressed";
+
+/// Hands the tee's blob writer back when `apply` is done with the reader
+/// (it takes the reader by value).
+struct KeepOnDrop<R> {
+    tee: Option<Tee<R>>,
+    out: std::sync::mpsc::Sender<Option<Box<dyn BlobWrite>>>,
+}
+
+impl<R: std::io::Read> std::io::Read for KeepOnDrop<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self.tee.as_mut() {
+            Some(t) => t.read(buf),
+            None => Ok(0),
+        }
+    }
+}
+
+impl<R> Drop for KeepOnDrop<R> {
+    fn drop(&mut self) {
+        if let Some(t) = self.tee.take() {
+            let _ = self.out.send(t.keep);
+        }
+    }
+}
+
 /// A layer of a manifest: its size and the diff_id its config gives it.
 #[derive(Debug, Clone)]
 struct LayerInfo {
@@ -134,6 +161,50 @@ pub struct Unpacker {
     parallel: ParallelOptions,
     /// Layers by manifest digest: one manifest and config fetch per image.
     layers: Mutex<HashMap<String, HashMap<String, LayerInfo>>>,
+    /// Where the compressed blob is kept as it streams by (`keep_blobs`).
+    blobs: Option<Arc<dyn BlobSink>>,
+}
+
+/// Keeps a layer's compressed blob while it is unpacked (the content store,
+/// with `keep_blobs`), so that export, push and a later re-unpack work.
+pub trait BlobSink: Send + Sync {
+    /// A writer for blob `digest` of `size` bytes; `None` if it is kept
+    /// already (or cannot be now: keeping is best effort, never a reason to
+    /// fail an unpack).
+    fn writer(&self, digest: &str, size: u64) -> Option<Box<dyn BlobWrite>>;
+}
+
+/// One blob being kept.
+pub trait BlobWrite: Send {
+    /// Appends bytes.
+    fn write(&mut self, data: &[u8]) -> std::io::Result<()>;
+    /// Commits the blob (verified against its digest by the sink) with
+    /// `labels`.
+    fn commit(
+        self: Box<Self>,
+        labels: std::collections::BTreeMap<String, String>,
+    ) -> std::io::Result<()>;
+}
+
+/// A reader that hands every byte it reads to a [`BlobWrite`] too; a
+/// failed write stops keeping, not reading.
+struct Tee<R> {
+    inner: R,
+    keep: Option<Box<dyn BlobWrite>>,
+    layer: String,
+}
+
+impl<R: std::io::Read> std::io::Read for Tee<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if let Some(w) = self.keep.as_mut() {
+            if let Err(e) = w.write(&buf[..n]) {
+                tracing::warn!(layer = %self.layer, error = %e, "not keeping the layer's blob");
+                self.keep = None;
+            }
+        }
+        Ok(n)
+    }
 }
 
 /// What an unpack did, for the log and the bench.
@@ -146,7 +217,11 @@ pub struct Unpacked {
 impl Unpacker {
     /// An unpacker with the registry settings `cfg`, `parallelism` range
     /// requests in flight per layer.
-    pub fn new(cfg: ClientConfig, parallelism: usize) -> Result<Unpacker, strata_registry::Error> {
+    pub fn new(
+        cfg: ClientConfig,
+        parallelism: usize,
+        blobs: Option<Arc<dyn BlobSink>>,
+    ) -> Result<Unpacker, strata_registry::Error> {
         Ok(Unpacker {
             client: Client::new(cfg)?,
             parallel: ParallelOptions::new(
@@ -154,6 +229,7 @@ impl Unpacker {
                 parallelism.max(1),
             ),
             layers: Mutex::new(HashMap::new()),
+            blobs,
         })
     }
 
@@ -274,7 +350,20 @@ impl Unpacker {
                 what: format!("layer {}", req.layer),
                 source,
             })?;
-        let reader = tokio_util::io::SyncIoBridge::new_with_handle(stream.into_reader(), rt);
+        let keep = self
+            .blobs
+            .as_ref()
+            .and_then(|b| b.writer(req.layer.as_ref(), info.size));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let reader = Tee {
+            inner: tokio_util::io::SyncIoBridge::new_with_handle(stream.into_reader(), rt),
+            keep,
+            layer: req.layer.to_string(),
+        };
+        let reader = KeepOnDrop {
+            tee: Some(reader),
+            out: tx,
+        };
         let opts = strata_unpack::ApplyOptions {
             userxattr,
             lower_dirs: lowers,
@@ -312,7 +401,23 @@ impl Unpacker {
             }
         })?;
         // `apply` checked both digests; say so plainly if it ever does not.
-        if report.digest != req.layer.to_string() || report.diff_id != info.diff_id {
+        let verified = report.digest == req.layer.to_string() && report.diff_id == info.diff_id;
+        // The blob read to its end and verified: keep it.
+        match (verified, rx.try_recv()) {
+            (true, Ok(Some(keep))) => {
+                let labels = [(UNCOMPRESSED_LABEL.to_string(), report.diff_id.clone())].into();
+                match keep.commit(labels) {
+                    Ok(()) => tracing::debug!(layer = %req.layer, "layer blob kept"),
+                    Err(e) => {
+                        tracing::warn!(layer = %req.layer, error = %e, "keeping the layer's blob failed")
+                    }
+                }
+            }
+            (_, other) => {
+                tracing::debug!(layer = %req.layer, kept = ?other.map(|k| k.is_some()), "layer blob not kept")
+            }
+        }
+        if !verified {
             return Err(RemoteError::Mismatch {
                 layer: req.layer.to_string(),
                 msg: format!(

@@ -1,5 +1,6 @@
 //! What the machine allows, recorded beside every result: fsync latency,
-//! sequential disk bandwidth, and one-core SHA-256, gzip and zstd speed.
+//! sequential disk bandwidth, files created per second, and one-core
+//! SHA-256, gzip (both ways) and zstd speed.
 
 use std::io::Write;
 use std::os::unix::fs::FileExt;
@@ -27,6 +28,13 @@ pub struct Limits {
     pub gzip_mib_s: f64,
     /// One-core zstd (level 3) of text-like data, MiB/s of input.
     pub zstd_mib_s: f64,
+    /// One-core gunzip (the build's flate2 backend), MiB/s of output.
+    #[serde(default)]
+    pub gunzip_mib_s: f64,
+    /// Small files (4 KiB) created and written per second, one thread, no
+    /// fsync: the entry-creation limit of an unpack.
+    #[serde(default)]
+    pub creates_per_s: f64,
 }
 
 /// Text-like data that compresses about 3:1.
@@ -117,6 +125,26 @@ pub fn measure(dir: &Path, mib: usize) -> Result<Limits> {
     let start = Instant::now();
     std::hint::black_box(zstd::bulk::compress(&text, 3)?);
     l.zstd_mib_s = mib_s(text.len(), start.elapsed().as_secs_f64());
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(6));
+    gz.write_all(&text)?;
+    let packed = gz.finish()?;
+    let start = Instant::now();
+    let mut out = Vec::with_capacity(text.len());
+    std::io::Read::read_to_end(
+        &mut flate2::read::GzDecoder::new(packed.as_slice()),
+        &mut out,
+    )?;
+    l.gunzip_mib_s = mib_s(out.len(), start.elapsed().as_secs_f64());
+    let files = dir.join("create-probe");
+    std::fs::create_dir_all(&files)?;
+    let page = [7u8; 4096];
+    let n = 5000;
+    let start = Instant::now();
+    for i in 0..n {
+        std::fs::write(files.join(format!("f{i}")), page)?;
+    }
+    l.creates_per_s = n as f64 / start.elapsed().as_secs_f64().max(1e-9);
+    std::fs::remove_dir_all(&files)?;
     Ok(l)
 }
 
@@ -124,13 +152,16 @@ pub fn measure(dir: &Path, mib: usize) -> Result<Limits> {
 pub fn describe(l: &Limits) -> String {
     format!(
         "machine: {} CPUs; fdatasync p50 {:.0} µs; disk write {:.0} MiB/s, read {:.0} MiB/s; \
-         one core: SHA-256 {:.0} MiB/s, gzip-6 {:.0} MiB/s, zstd-3 {:.0} MiB/s\n",
+         {:.0} files created/s; one core: SHA-256 {:.0} MiB/s, gzip-6 {:.0} MiB/s, \
+         gunzip {:.0} MiB/s, zstd-3 {:.0} MiB/s\n",
         l.cpus,
         l.fdatasync_p50_us,
         l.seq_write_mib_s,
         l.seq_read_mib_s,
+        l.creates_per_s,
         l.sha256_mib_s,
         l.gzip_mib_s,
+        l.gunzip_mib_s,
         l.zstd_mib_s
     )
 }

@@ -124,6 +124,54 @@ struct One {
     fetched: u64,
     cpu_s: f64,
     peak: u64,
+    /// strata's own account of its unpacks (the fast path only).
+    phases: BTreeMap<String, f64>,
+}
+
+/// Sums the fields of strata's "layer unpacked by strata" log lines: time
+/// waiting for the registry, decompressing, writing, syncing (seconds),
+/// entries and bytes.
+fn unpack_phases(log: &str) -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    for line in log
+        .lines()
+        .filter(|l| l.contains("layer unpacked by strata"))
+    {
+        // Strip the log's colour codes, then read key=value fields.
+        let mut plain = String::with_capacity(line.len());
+        let mut chars = line.chars();
+        while let Some(c) = chars.next() {
+            if c == '\u{1b}' {
+                for d in chars.by_ref() {
+                    if d == 'm' {
+                        break;
+                    }
+                }
+            } else {
+                plain.push(c);
+            }
+        }
+        for field in plain.split_whitespace() {
+            let Some((k, v)) = field.split_once('=') else {
+                continue;
+            };
+            let Ok(v) = v.parse::<f64>() else {
+                continue;
+            };
+            let (name, scale) = match k {
+                "elapsed_ms" => ("unpack_s", 1e-3),
+                "read_ms" => ("registry_wait_s", 1e-3),
+                "decompress_ms" => ("decompress_s", 1e-3),
+                "write_ms" => ("write_s", 1e-3),
+                "sync_ms" => ("sync_s", 1e-3),
+                "entries" => ("entries", 1.0),
+                "uncompressed" => ("uncompressed_mib", 1.0 / (1 << 20) as f64),
+                _ => continue,
+            };
+            *out.entry(name.to_string()).or_insert(0.0) += v * scale;
+        }
+    }
+    out
 }
 
 fn once(cfg: &Config, dir: &Path, proxy: &CountingProxy, reference: &str) -> Result<One> {
@@ -180,12 +228,19 @@ fn once(cfg: &Config, dir: &Path, proxy: &CountingProxy, reference: &str) -> Res
     }
     cd.stop()?;
     drop(daemon);
+    let phases = match cfg {
+        Config::StrataPull(_) => {
+            unpack_phases(&std::fs::read_to_string(dir.join("strata.log")).unwrap_or_default())
+        }
+        _ => BTreeMap::new(),
+    };
     Ok(One {
         pull,
         run,
         fetched,
         cpu_s,
         peak,
+        phases,
     })
 }
 
@@ -249,6 +304,12 @@ pub fn run(
             "peak_mib".to_string(),
             mean(&|o| o.peak as f64) / (1 << 20) as f64,
         );
+        let keys: std::collections::BTreeSet<String> =
+            res.iter().flat_map(|o| o.phases.keys().cloned()).collect();
+        for k in keys {
+            let v = mean(&|o| o.phases.get(&k).copied().unwrap_or(0.0));
+            extra.insert(k, v);
+        }
         let pulls: Vec<Duration> = res.iter().map(|o| o.pull).collect();
         let runs: Vec<Duration> = res.iter().map(|o| o.run).collect();
         let total: Duration = pulls.iter().sum();
@@ -262,4 +323,22 @@ pub fn run(
         rows.push(q);
     }
     Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unpack_phases_read_strata_log_lines() {
+        let log = "\u{1b}[2m2026-11-29T18:58:32Z\u{1b}[0m \u{1b}[32m INFO\u{1b}[0m strata_snapshotter::overlay: layer unpacked by strata \u{1b}[3mentries\u{1b}[0m\u{1b}[2m=\u{1b}[0m14 \u{1b}[3muncompressed\u{1b}[0m\u{1b}[2m=\u{1b}[0m2097152 \u{1b}[3melapsed_ms\u{1b}[0m\u{1b}[2m=\u{1b}[0m12 read_ms=2 decompress_ms=7 write_ms=1 sync_ms=30\n\
+                   other line elapsed_ms=999\n\
+                   layer unpacked by strata entries=6 elapsed_ms=8 sync_ms=10\n";
+        let p = unpack_phases(log);
+        assert_eq!(p["entries"], 20.0);
+        assert!((p["unpack_s"] - 0.020).abs() < 1e-9);
+        assert!((p["sync_s"] - 0.040).abs() < 1e-9);
+        assert!((p["uncompressed_mib"] - 2.0).abs() < 1e-9);
+        assert!((p["decompress_s"] - 0.007).abs() < 1e-9);
+    }
 }
