@@ -288,8 +288,9 @@ fn main() -> anyhow::Result<()> {
                 .iter()
                 .filter(|l| l.path == strata::pull::LayerPath::Snapshotter)
                 .count();
+            let blobs = report.layers.iter().filter(|l| l.blob).count();
             println!(
-                "{}: {} ({} layers, {fast} unpacked by {}) in {:.2} s",
+                "{}: {} ({} layers, {fast} unpacked by {}, {blobs} blobs in content) in {:.2} s",
                 report.name,
                 report.target,
                 report.layers.len(),

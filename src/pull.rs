@@ -36,7 +36,8 @@ use containerd_client::types::Descriptor;
 use sha2::{Digest as _, Sha256};
 use strata_registry::{Client, ClientConfig, Credentials, Platform, Reference};
 use strata_snapshotter::remote::{
-    CRI_IMAGE_LAYERS, CRI_IMAGE_REF, CRI_LAYER_DIGEST, CRI_MANIFEST_DIGEST, TARGET_REF,
+    CRI_IMAGE_LAYERS, CRI_IMAGE_REF, CRI_LAYER_DIGEST, CRI_MANIFEST_DIGEST, KEEP_BLOB_LABEL,
+    KEPT_BLOB_LABEL, TARGET_REF,
 };
 use tonic::transport::Channel;
 use tonic::{Code, Request};
@@ -542,8 +543,11 @@ async fn pull_leased(
     let mut out = Vec::with_capacity(chains.len());
     let mut snaps = api.snapshots();
     let n = chains.len();
+    // Layers whose blob strata is still committing (kept in the background).
+    let mut pending = Vec::new();
     for (i, (layer, chain)) in resolved.layers().iter().zip(chains).enumerate() {
         let t = Instant::now();
+        let mut kept_pending = false;
         let digest = layer.digest().to_string();
         let parent = if i == 0 {
             String::new()
@@ -578,12 +582,14 @@ async fn pull_leased(
                         (CRI_LAYER_DIGEST.to_string(), digest.clone()),
                         (CRI_MANIFEST_DIGEST.to_string(), manifest_digest.clone()),
                         (CRI_IMAGE_LAYERS.to_string(), all_layers.clone()),
+                        // It is recorded below: keep it.
+                        (KEEP_BLOB_LABEL.to_string(), "true".to_string()),
                     ]),
                 })?)
                 .await;
             match prepared {
                 Err(s) if s.code() == Code::AlreadyExists => {
-                    snaps
+                    let info = snaps
                         .stat(api.req(StatSnapshotRequest {
                             snapshotter: opts.snapshotter.clone(),
                             key: chain.clone(),
@@ -593,7 +599,11 @@ async fn pull_leased(
                             format!(
                                 "layer {digest}: the snapshotter said it exists but has no {chain}"
                             )
-                        })?;
+                        })?
+                        .into_inner()
+                        .info;
+                    kept_pending =
+                        info.is_some_and(|i| i.labels.get(KEPT_BLOB_LABEL) == Some(&digest));
                     LayerPath::Snapshotter
                 }
                 Err(s) => {
@@ -648,18 +658,20 @@ async fn pull_leased(
         };
         // The blob: downloaded into containerd by the ordinary path; kept by
         // strata on the fast path, recorded here without a transfer.
+        let uncompressed = HashMap::from([(
+            strata_snapshotter::remote::UNCOMPRESSED_LABEL.to_string(),
+            diff_ids[i].clone(),
+        )]);
         let blob = match path {
             LayerPath::Containerd => true,
+            // strata commits it in the background: recorded at the end.
+            LayerPath::Snapshotter if kept_pending => {
+                pending.push((out.len(), digest.clone(), layer.size() as i64, uncompressed));
+                false
+            }
             _ => {
-                api.record_kept(
-                    &digest,
-                    layer.size() as i64,
-                    HashMap::from([(
-                        strata_snapshotter::remote::UNCOMPRESSED_LABEL.to_string(),
-                        diff_ids[i].clone(),
-                    )]),
-                )
-                .await?
+                api.record_kept(&digest, layer.size() as i64, uncompressed)
+                    .await?
             }
         };
         let outcome = LayerOutcome {
@@ -681,11 +693,39 @@ async fn pull_leased(
                     LayerPath::Snapshotter => "unpacked by the snapshotter",
                     LayerPath::Containerd => "downloaded and applied by containerd",
                 },
-                if outcome.blob { ", blob kept" } else { "" },
+                if outcome.blob {
+                    ", blob in content"
+                } else if kept_pending {
+                    ", blob being kept"
+                } else {
+                    ""
+                },
                 outcome.took.as_secs_f64()
             );
         }
         out.push(outcome);
+    }
+
+    // The blobs strata kept in the background: each was committed a layer
+    // or more ago, usually; wait a bounded time for the rest.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    for (idx, digest, size, labels) in pending {
+        loop {
+            if api.record_kept(&digest, size, labels.clone()).await? {
+                if let Some(o) = out.get_mut(idx) {
+                    o.blob = true;
+                }
+                break;
+            }
+            if Instant::now() > deadline {
+                tracing::warn!(
+                    digest,
+                    "strata did not finish keeping the layer's blob in time"
+                );
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     // The image last: from here on it holds everything above.

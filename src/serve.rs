@@ -77,10 +77,11 @@ fn private_root(root: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `keep_blobs`: the fast path keeps each layer's compressed blob in the
-/// content store as it streams by (committed only once verified), so that
-/// `strata pull` can record it in containerd's namespace without a transfer
-/// and export, push and re-unpack work.
+/// `keep_blobs`: the fast path keeps a layer's compressed blob in the
+/// content store as it streams by (committed only once verified), when the
+/// client asks for it (`strata pull`, which then records it in containerd's
+/// namespace without a transfer), so that export, push and re-unpack work.
+/// Unasked, nothing is kept: no client would record it.
 struct KeepBlobs(ContentStore);
 
 impl BlobSink for KeepBlobs {
@@ -89,7 +90,17 @@ impl BlobSink for KeepBlobs {
             return None;
         }
         let reference = format!("strata-unpack-{digest}");
-        match self.0.writer(&reference, size as i64, digest) {
+        // A leftover of a crashed unpack of this layer (no writer holds it)
+        // is not worth resuming: start over. One started with another size
+        // is refused by the store: drop it and start over.
+        let opened = match self.0.writer(&reference, size as i64, digest) {
+            Err(strata_content::Error::FailedPrecondition(_)) => {
+                let _ = self.0.abort(&reference);
+                self.0.writer(&reference, size as i64, digest)
+            }
+            other => other,
+        };
+        match opened {
             Ok(mut w) => {
                 if w.status().offset > 0 {
                     if let Err(e) = w.truncate() {
@@ -98,7 +109,9 @@ impl BlobSink for KeepBlobs {
                     }
                 }
                 Some(Box::new(KeepWriter {
-                    w,
+                    store: self.0.clone(),
+                    w: Some(w),
+                    reference,
                     digest: digest.to_string(),
                     size: size as i64,
                 }))
@@ -111,24 +124,50 @@ impl BlobSink for KeepBlobs {
     }
 }
 
+/// One kept blob: committed once verified, else its ingest is dropped (a
+/// layer that failed is not worth resuming).
 struct KeepWriter {
-    w: strata_content::store::Writer,
+    store: ContentStore,
+    w: Option<strata_content::store::Writer>,
+    reference: String,
     digest: String,
     size: i64,
 }
 
 impl BlobWrite for KeepWriter {
     fn write(&mut self, data: &[u8]) -> std::io::Result<()> {
-        self.w.write(data).map_err(std::io::Error::other)
+        match self.w.as_mut() {
+            Some(w) => w.write(data).map_err(std::io::Error::other),
+            None => Err(std::io::Error::other("blob writer closed")),
+        }
     }
 
     fn commit(
         mut self: Box<Self>,
         labels: std::collections::BTreeMap<String, String>,
     ) -> std::io::Result<()> {
-        match self.w.commit(self.size, &self.digest, labels) {
+        let Some(mut w) = self.w.take() else {
+            return Err(std::io::Error::other("blob writer closed"));
+        };
+        let r = match w.commit(self.size, &self.digest, labels) {
             Ok(_) | Err(strata_content::Error::AlreadyExists(_)) => Ok(()),
             Err(e) => Err(std::io::Error::other(e)),
+        };
+        if r.is_err() {
+            // Drop the writer (its lock) before the ingest.
+            drop(w);
+            let _ = self.store.abort(&self.reference);
+        }
+        r
+    }
+}
+
+impl Drop for KeepWriter {
+    fn drop(&mut self) {
+        // Not committed: the unpack failed or was not verified.
+        if let Some(w) = self.w.take() {
+            drop(w);
+            let _ = self.store.abort(&self.reference);
         }
     }
 }

@@ -25,7 +25,7 @@ use tokio::sync::mpsc;
 use crate::du::disk_usage;
 use crate::error::{Error, Result};
 use crate::meta::MetaStore;
-use crate::remote::{LayerRequest, RemoteError, Unpacker, TARGET_REF};
+use crate::remote::{LayerRequest, RemoteError, Unpacker, KEPT_BLOB_LABEL, TARGET_REF};
 use crate::schema::Record;
 use crate::types::{Info, Kind, Labels, Mount, Usage};
 use crate::Snapshotter;
@@ -538,11 +538,16 @@ impl Inner {
             decompress_ms = r.decompress_time.as_millis() as u64,
             write_ms = r.write_time.as_millis() as u64,
             sync_ms = sync_time.as_millis() as u64,
+            keeping_blob = u.keeping,
             "layer unpacked by strata"
         );
+        let mut labels = labels.clone();
+        if u.keeping {
+            labels.insert(KEPT_BLOB_LABEL.to_string(), req.layer.to_string());
+        }
         match self
             .meta
-            .create_committed(id, &name, parent, &parent_ids, labels.clone(), usage)
+            .create_committed(id, &name, parent, &parent_ids, labels, usage)
         {
             Ok(_) => Ok(()),
             // Another Prepare of the same layer got there first: ours goes.

@@ -93,6 +93,8 @@ pub struct LayerRequest {
     pub layer: Digest,
     /// The manifest's digest, when given.
     pub manifest: Option<Digest>,
+    /// Whether the client asked for the blob to be kept.
+    pub keep_blob: bool,
 }
 
 impl LayerRequest {
@@ -116,10 +118,21 @@ impl LayerRequest {
                     .get(CRI_MANIFEST_DIGEST)
                     .map(|m| digest(m))
                     .transpose()?,
+                keep_blob: labels.get(KEEP_BLOB_LABEL).is_some_and(|v| v == "true"),
             })
         })())
     }
 }
+
+/// Set on a Prepare by a client that will record the layer's blob in
+/// containerd's namespace (`strata pull`): only then is the blob kept, so
+/// that a blob no client records is never left in the store. (containerd
+/// passes a snapshotter only labels under `containerd.io/snapshot/`.)
+pub const KEEP_BLOB_LABEL: &str = "containerd.io/snapshot/strata.keep-blob";
+
+/// On a layer committed by the fast path whose blob is being kept: the
+/// blob's digest (its commit may still be under way).
+pub const KEPT_BLOB_LABEL: &str = "containerd.io/snapshot/strata.kept-blob";
 
 /// containerd's label of a layer blob with its uncompressed digest.
 pub const UNCOMPRESSED_LABEL: &str = "containerd.io/uncompressed";
@@ -212,6 +225,10 @@ impl<R: std::io::Read> std::io::Read for Tee<R> {
 pub struct Unpacked {
     /// The extraction's report (digests, counts, time split).
     pub report: strata_unpack::Report,
+    /// Whether the blob is being kept: its commit runs in the background
+    /// (it is not needed for the snapshot), and the committed snapshot
+    /// carries [`KEPT_BLOB_LABEL`] so that the client knows to wait for it.
+    pub keeping: bool,
 }
 
 impl Unpacker {
@@ -353,6 +370,7 @@ impl Unpacker {
         let keep = self
             .blobs
             .as_ref()
+            .filter(|_| req.keep_blob)
             .and_then(|b| b.writer(req.layer.as_ref(), info.size));
         let (tx, rx) = std::sync::mpsc::channel();
         let reader = Tee {
@@ -403,29 +421,33 @@ impl Unpacker {
         // `apply` checked both digests; say so plainly if it ever does not.
         let verified = report.digest == req.layer.to_string() && report.diff_id == info.diff_id;
         // The blob read to its end and verified: keep it.
+        let mut keeping = false;
         match (verified, rx.try_recv()) {
             (true, Ok(Some(keep))) => {
+                // Off the Prepare's path: the snapshot does not need it.
                 let labels = [(UNCOMPRESSED_LABEL.to_string(), report.diff_id.clone())].into();
-                match keep.commit(labels) {
-                    Ok(()) => tracing::debug!(layer = %req.layer, "layer blob kept"),
-                    Err(e) => {
-                        tracing::warn!(layer = %req.layer, error = %e, "keeping the layer's blob failed")
+                let layer = req.layer.to_string();
+                keeping = true;
+                tokio::runtime::Handle::current().spawn_blocking(move || {
+                    let t = std::time::Instant::now();
+                    match keep.commit(labels) {
+                        Ok(()) => {
+                            tracing::debug!(
+                                layer,
+                                keep_ms = t.elapsed().as_millis() as u64,
+                                "layer blob kept"
+                            )
+                        }
+                        Err(e) => {
+                            tracing::warn!(layer, error = %e, "keeping the layer's blob failed")
+                        }
                     }
-                }
+                });
             }
             (_, other) => {
                 tracing::debug!(layer = %req.layer, kept = ?other.map(|k| k.is_some()), "layer blob not kept")
             }
         }
-        if !verified {
-            return Err(RemoteError::Mismatch {
-                layer: req.layer.to_string(),
-                msg: format!(
-                    "unpacked {} with diff_id {}, expected diff_id {}",
-                    report.digest, report.diff_id, info.diff_id
-                ),
-            });
-        }
-        Ok(Unpacked { report })
+        Ok(Unpacked { report, keeping })
     }
 }
