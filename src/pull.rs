@@ -664,7 +664,7 @@ async fn pull_leased(
         )]);
         let blob = match path {
             LayerPath::Containerd => true,
-            // strata commits it in the background: recorded at the end.
+            // strata kept it: recorded at the end, with the others.
             LayerPath::Snapshotter if kept_pending => {
                 pending.push((out.len(), digest.clone(), layer.size() as i64, uncompressed));
                 false
@@ -696,7 +696,7 @@ async fn pull_leased(
                 if outcome.blob {
                     ", blob in content"
                 } else if kept_pending {
-                    ", blob being kept"
+                    ", blob kept by strata"
                 } else {
                     ""
                 },
@@ -706,8 +706,8 @@ async fn pull_leased(
         out.push(outcome);
     }
 
-    // The blobs strata kept in the background: each was committed a layer
-    // or more ago, usually; wait a bounded time for the rest.
+    // The blobs strata kept (committed before its Prepare answered); a
+    // bounded wait covers a store that is slow to show them.
     let deadline = Instant::now() + Duration::from_secs(120);
     for (idx, digest, size, labels) in pending {
         loop {

@@ -139,8 +139,8 @@ async fn a_killed_unpack_leaves_only_complete_layers() -> Result<()> {
                 max_bytes: 24 << 20,
             }],
             vec![image::Entry::HostTree {
-                src: "/usr/lib/python3".into(),
-                dest: "py".into(),
+                src: "/usr/lib/x86_64-linux-gnu".into(),
+                dest: "lib".into(),
                 max_bytes: 24 << 20,
             }],
         ],

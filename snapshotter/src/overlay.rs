@@ -538,7 +538,7 @@ impl Inner {
             decompress_ms = r.decompress_time.as_millis() as u64,
             write_ms = r.write_time.as_millis() as u64,
             sync_ms = sync_time.as_millis() as u64,
-            keeping_blob = u.keeping,
+            keep_ms = u.keep_time.map(|t| t.as_millis() as u64).unwrap_or(0),
             "layer unpacked by strata"
         );
         let mut labels = labels.clone();

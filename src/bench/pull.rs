@@ -166,6 +166,7 @@ fn unpack_phases(log: &str) -> BTreeMap<String, f64> {
                 "decompress_ms" => ("decompress_s", 1e-3),
                 "write_ms" => ("write_s", 1e-3),
                 "sync_ms" => ("sync_s", 1e-3),
+                "keep_ms" => ("keep_blob_s", 1e-3),
                 "entries" => ("entries", 1.0),
                 "uncompressed" => ("uncompressed_mib", 1.0 / (1 << 20) as f64),
                 _ => continue,
