@@ -118,8 +118,9 @@ pub fn chain_ids(diff_ids: &[String]) -> Vec<String> {
     out
 }
 
-/// RFC 3339 (UTC, seconds) of a time, for containerd's `gc.expire` label.
-fn rfc3339(t: SystemTime) -> String {
+/// RFC 3339 (UTC, seconds) of a time: containerd's `gc.expire` label, and
+/// the date of bench reports.
+pub fn rfc3339(t: SystemTime) -> String {
     let secs = t
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
