@@ -37,7 +37,7 @@ use sha2::{Digest as _, Sha256};
 use strata_registry::{Client, ClientConfig, Credentials, Platform, Reference};
 use strata_snapshotter::remote::{
     CRI_IMAGE_LAYERS, CRI_IMAGE_REF, CRI_LAYER_DIGEST, CRI_MANIFEST_DIGEST, KEEP_BLOB_LABEL,
-    KEPT_BLOB_LABEL, TARGET_REF,
+    KEPT_BLOB_LABEL, TARGET_REF, UNPACKED_LABEL,
 };
 use tonic::transport::Channel;
 use tonic::{Code, Request};
@@ -549,6 +549,7 @@ async fn pull_leased(
     for (i, (layer, chain)) in resolved.layers().iter().zip(chains).enumerate() {
         let t = Instant::now();
         let mut kept_pending = false;
+        let mut unpacked: Option<String> = None;
         let digest = layer.digest().to_string();
         let parent = if i == 0 {
             String::new()
@@ -603,8 +604,10 @@ async fn pull_leased(
                         })?
                         .into_inner()
                         .info;
-                    kept_pending =
-                        info.is_some_and(|i| i.labels.get(KEPT_BLOB_LABEL) == Some(&digest));
+                    if let Some(i) = &info {
+                        kept_pending = i.labels.get(KEPT_BLOB_LABEL) == Some(&digest);
+                        unpacked = i.labels.get(UNPACKED_LABEL).cloned();
+                    }
                     LayerPath::Snapshotter
                 }
                 Err(s) => {
@@ -684,8 +687,24 @@ async fn pull_leased(
             took: t.elapsed(),
         };
         if opts.progress {
+            // strata's own account: entries and bytes written.
+            let detail = unpacked
+                .as_deref()
+                .map(|u| {
+                    let field = |k: &str| {
+                        u.split_whitespace()
+                            .find_map(|f| f.strip_prefix(k).and_then(|v| v.parse::<u64>().ok()))
+                            .unwrap_or(0)
+                    };
+                    format!(
+                        " ({} entries, {:.1} MiB written)",
+                        field("entries="),
+                        field("bytes=") as f64 / (1 << 20) as f64
+                    )
+                })
+                .unwrap_or_default();
             eprintln!(
-                "layer {}/{n} {} {:.1} MiB: {}{} in {:.2} s",
+                "layer {}/{n} {} {:.1} MiB: {}{detail}{} in {:.2} s",
                 i + 1,
                 outcome.digest,
                 outcome.size as f64 / (1 << 20) as f64,

@@ -62,6 +62,10 @@ fn strata_pull_unpacks_layers_itself_and_the_tree_is_containerds() -> Result<()>
         "every layer should go through strata's fast path:\n{out}"
     );
     ensure!(
+        out.matches(" entries, ").count() == 3,
+        "a line per layer with what strata wrote:\n{out}"
+    );
+    ensure!(
         out.contains("3 unpacked by strata, 3 blobs in content"),
         "keep_blobs: every layer's blob should be kept:\n{out}\nstrata's log:\n{}",
         strata.proc().log_tail()
@@ -151,6 +155,11 @@ fn strata_pull_unpacks_layers_itself_and_the_tree_is_containerds() -> Result<()>
         theirs.len(),
         diff.join("\n")
     );
+    eprintln!(
+        "strata's tree equals containerd's overlayfs tree: {} entries compared",
+        ours.len()
+    );
+    ensure!(ours.len() > 20, "too few entries compared: {}", ours.len());
     for p in [
         "rich/cap",
         "rich/hard",

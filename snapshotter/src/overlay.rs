@@ -25,7 +25,9 @@ use tokio::sync::mpsc;
 use crate::du::disk_usage;
 use crate::error::{Error, Result};
 use crate::meta::MetaStore;
-use crate::remote::{LayerRequest, RemoteError, Unpacker, KEPT_BLOB_LABEL, TARGET_REF};
+use crate::remote::{
+    LayerRequest, RemoteError, Unpacker, KEPT_BLOB_LABEL, TARGET_REF, UNPACKED_LABEL,
+};
 use crate::schema::Record;
 use crate::types::{Info, Kind, Labels, Mount, Usage};
 use crate::Snapshotter;
@@ -545,6 +547,17 @@ impl Inner {
         if u.keeping {
             labels.insert(KEPT_BLOB_LABEL.to_string(), req.layer.to_string());
         }
+        // What the unpack did, for the client's progress lines.
+        labels.insert(
+            UNPACKED_LABEL.to_string(),
+            format!(
+                "entries={} bytes={} compressed={} ms={}",
+                r.counts.entries,
+                r.uncompressed_bytes,
+                r.compressed_bytes,
+                (r.elapsed + sync_time).as_millis()
+            ),
+        );
         match self
             .meta
             .create_committed(id, &name, parent, &parent_ids, labels, usage)

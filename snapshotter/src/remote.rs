@@ -134,6 +134,10 @@ pub const KEEP_BLOB_LABEL: &str = "containerd.io/snapshot/strata.keep-blob";
 /// digest.
 pub const KEPT_BLOB_LABEL: &str = "containerd.io/snapshot/strata.kept-blob";
 
+/// On a layer committed by the fast path: what its unpack did
+/// (`entries=N bytes=N compressed=N ms=N`), for the client's progress.
+pub const UNPACKED_LABEL: &str = "containerd.io/snapshot/strata.unpacked";
+
 /// containerd's label of a layer blob with its uncompressed digest.
 pub const UNCOMPRESSED_LABEL: &str = "containerd.io/uncompressed";
 
