@@ -206,6 +206,31 @@ impl Api {
         SnapshotsClient::new(self.channel.clone())
     }
 
+    /// Sends `msg` (one Commit, with or without data) as a whole Write
+    /// stream. `Ok(false)`: the blob exists already (AlreadyExists).
+    async fn commit_one(&self, msg: WriteContentRequest) -> Result<bool> {
+        let sent = async {
+            let mut s = self
+                .content()
+                .write(self.req(tokio_stream::iter(vec![msg]))?)
+                .await?
+                .into_inner();
+            while s.message().await?.is_some() {}
+            Ok::<_, anyhow::Error>(())
+        }
+        .await;
+        match sent {
+            Ok(()) => Ok(true),
+            Err(e)
+                if e.downcast_ref::<tonic::Status>()
+                    .is_some_and(|s| s.code() == Code::AlreadyExists) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// Writes `data` as a blob with `labels`; an existing blob gets the
     /// labels added.
     async fn put_blob(
@@ -224,24 +249,9 @@ impl Api {
             data: data.to_vec(),
             labels: labels.clone(),
         };
-        let result = async {
-            let mut s = self
-                .content()
-                .write(self.req(tokio_stream::iter(vec![msg]))?)
-                .await?
-                .into_inner();
-            while s.message().await?.is_some() {}
-            Ok::<_, anyhow::Error>(())
-        }
-        .await;
-        match result {
-            Ok(()) => Ok(()),
-            Err(e)
-                if e.downcast_ref::<tonic::Status>()
-                    .is_some_and(|s| s.code() == Code::AlreadyExists) =>
-            {
-                self.label_blob(digest, labels).await
-            }
+        match self.commit_one(msg).await {
+            Ok(true) => Ok(()),
+            Ok(false) => self.label_blob(digest, labels).await,
             Err(e) => Err(e.context(format!("writing {digest} into containerd's content store"))),
         }
     }
@@ -268,22 +278,9 @@ impl Api {
             data: Vec::new(),
             labels: labels.clone(),
         };
-        let result = async {
-            let mut s = self
-                .content()
-                .write(self.req(tokio_stream::iter(vec![msg]))?)
-                .await?
-                .into_inner();
-            while s.message().await?.is_some() {}
-            Ok::<_, anyhow::Error>(())
-        }
-        .await;
-        match result {
-            Ok(()) => Ok(true),
-            Err(e)
-                if e.downcast_ref::<tonic::Status>()
-                    .is_some_and(|s| s.code() == Code::AlreadyExists) =>
-            {
+        match self.commit_one(msg).await {
+            Ok(true) => Ok(true),
+            Ok(false) => {
                 self.label_blob(digest, labels).await?;
                 Ok(true)
             }
@@ -406,10 +403,8 @@ pub async fn pull(image: &str, opts: &PullOptions) -> Result<PullReport> {
         .resolve(&reference, &opts.platform)
         .await
         .with_context(|| format!("resolving {reference}"))?;
-    let manifest = &resolved.manifest;
-    let config = &resolved.config;
     let layers = resolved.layers();
-    let diff_ids = config.value.rootfs().diff_ids().clone();
+    let diff_ids = resolved.config.value.rootfs().diff_ids().clone();
     if diff_ids.len() != layers.len() {
         bail!(
             "{reference}: {} layers but {} diff_ids in its config",
@@ -425,7 +420,7 @@ pub async fn pull(image: &str, opts: &PullOptions) -> Result<PullReport> {
         .await
         .with_context(|| format!("containerd at {}", opts.address.display()))?;
     let mut api = Api {
-        channel: channel.clone(),
+        channel,
         namespace: opts.namespace.clone(),
         lease: None,
     };
@@ -438,7 +433,7 @@ pub async fn pull(image: &str, opts: &PullOptions) -> Result<PullReport> {
             .map(|d| d.as_nanos())
             .unwrap_or(0)
     );
-    LeasesClient::new(channel.clone())
+    LeasesClient::new(api.channel.clone())
         .create(api.req(CreateRequest {
             id: lease_id.clone(),
             labels: HashMap::from([(
@@ -460,21 +455,16 @@ pub async fn pull(image: &str, opts: &PullOptions) -> Result<PullReport> {
         opts,
     )
     .await;
-    // The image (or nothing) now holds what was pulled.
-    let mut unlease = Api {
-        channel,
-        namespace: opts.namespace.clone(),
-        lease: None,
-    };
-    unlease.lease = None;
-    let _ = LeasesClient::new(unlease.channel.clone())
-        .delete(unlease.req(DeleteRequest {
+    // The image (or nothing) now holds what was pulled: the lease goes
+    // (a request under a lease cannot delete it).
+    api.lease = None;
+    let _ = LeasesClient::new(api.channel.clone())
+        .delete(api.req(DeleteRequest {
             id: lease_id,
             sync: false,
         })?)
         .await;
     let outcomes = result?;
-    let _ = manifest;
     Ok(PullReport {
         name,
         target: resolved.target_digest().to_string(),

@@ -86,9 +86,7 @@ struct KeepBlobs(ContentStore);
 
 impl BlobSink for KeepBlobs {
     fn writer(&self, digest: &str, size: u64) -> Option<Box<dyn BlobWrite>> {
-        if self.0.info(digest).is_ok() {
-            return None;
-        }
+        // (A blob the store has already: the writer is AlreadyExists.)
         let reference = format!("strata-unpack-{digest}");
         // A leftover of a crashed unpack of this layer (no writer holds it)
         // is not worth resuming: start over. One started with another size

@@ -11,12 +11,6 @@ use anyhow::{ensure, Context, Result};
 use sha2::Digest;
 use strata::harness::{image, Containerd, ContainerdSetup, Registry, Strata};
 
-fn snapshot_lines(cd: &mut Containerd) -> Result<Vec<String>> {
-    let out = cd.ctr(&["snapshots", "--snapshotter", "strata", "ls"])?;
-    // The first line is the header.
-    Ok(out.lines().skip(1).map(str::to_string).collect())
-}
-
 #[test]
 fn containerd_pulls_runs_and_collects_through_strata() -> Result<()> {
     common::require_root();
@@ -48,7 +42,7 @@ fn containerd_pulls_runs_and_collects_through_strata() -> Result<()> {
             "content get {d} returned other bytes"
         );
     }
-    let snaps = snapshot_lines(&mut cd)?;
+    let snaps = cd.snapshot_lines("strata")?;
     ensure!(
         snaps.len() == 3 && snaps.iter().all(|l| l.contains("Committed")),
         "after the pull strata should hold the 3 layers, committed: {snaps:#?}"
@@ -105,7 +99,7 @@ fn containerd_pulls_runs_and_collects_through_strata() -> Result<()> {
     let snap_dir = strata.root.join("snapshots/strata");
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let snaps = snapshot_lines(&mut cd)?;
+        let snaps = cd.snapshot_lines("strata")?;
         let dirs: Vec<_> = std::fs::read_dir(&snap_dir)
             .with_context(|| format!("read {}", snap_dir.display()))?
             .filter_map(|e| e.ok())

@@ -102,15 +102,10 @@ fn strata_pull_unpacks_layers_itself_and_the_tree_is_containerds() -> Result<()>
         log.matches("layer unpacked by strata").count() >= 3,
         "strata's log should show three unpacks:\n{log}"
     );
-    let snaps = cd.ctr(&["snapshots", "--snapshotter", "strata", "ls"])?;
+    let snaps = cd.snapshot_lines("strata")?;
     ensure!(
-        snaps
-            .lines()
-            .skip(1)
-            .filter(|l| l.contains("Committed"))
-            .count()
-            == 3,
-        "{snaps}"
+        snaps.iter().filter(|l| l.contains("Committed")).count() == 3,
+        "{snaps:#?}"
     );
 
     // runc runs it, and sees layer 3's view.
@@ -189,13 +184,13 @@ fn strata_pull_unpacks_layers_itself_and_the_tree_is_containerds() -> Result<()>
     cd.ctr(&["image", "rm", "--sync", &reference])?;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let snaps = cd.ctr(&["snapshots", "--snapshotter", "strata", "ls"])?;
-        if snaps.lines().nth(1).is_none() {
+        let snaps = cd.snapshot_lines("strata")?;
+        if snaps.is_empty() {
             break;
         }
         ensure!(
             Instant::now() < deadline,
-            "after image rm and GC strata still has:\n{snaps}"
+            "after image rm and GC strata still has {snaps:#?}"
         );
         std::thread::sleep(Duration::from_millis(200));
     }

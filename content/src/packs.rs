@@ -15,8 +15,9 @@
 //! A new pack's number comes from the allocator the chunk layer passes in
 //! (a counter in the database, written with sync before the file is
 //! created), and the directory is fsynced after the file is created, before
-//! anything is appended: a number is never used twice, and a pack that
-//! metadata points into survives a power cut.
+//! anything is appended: a number is never used twice (tested by losing a
+//! pack file), and the pack's entry reaches the disk before any metadata
+//! points into it (placed by reading; no test cuts power yet).
 
 use std::collections::HashMap;
 use std::fs::File;

@@ -226,20 +226,10 @@ impl MetaStore {
             ));
         }
         let guard = self.locks.lock(&[key], &[parent]);
-        let mut parent_ids = Vec::new();
-        if !parent.is_empty() {
-            let p = self
-                .read(parent)?
-                .ok_or_else(|| not_found("parent snapshot", parent))?;
-            if p.kind() != Kind::Committed {
-                return Err(Error::InvalidArgument(format!(
-                    "parent {parent:?} is not a committed snapshot"
-                )));
-            }
-            parent_ids.reserve(p.parent_ids.len() + 1);
-            parent_ids.push(p.id);
-            parent_ids.extend_from_slice(&p.parent_ids);
-        }
+        let parent_ids = self
+            .committed_parent(parent)?
+            .map(|p| p.lineage())
+            .unwrap_or_default();
         if self.read(key)?.is_some() {
             return Err(Error::AlreadyExists(format!("snapshot {key:?}")));
         }
@@ -270,6 +260,23 @@ impl MetaStore {
         }
         self.db.write_opt(b, &self.sync)?;
         Ok(p.record.clone())
+    }
+
+    /// The record of `parent`, which must be a committed snapshot; `None`
+    /// for no parent (""). NotFound or InvalidArgument otherwise.
+    pub fn committed_parent(&self, parent: &str) -> Result<Option<Record>> {
+        if parent.is_empty() {
+            return Ok(None);
+        }
+        let p = self
+            .read(parent)?
+            .ok_or_else(|| not_found("parent snapshot", parent))?;
+        if p.kind() != Kind::Committed {
+            return Err(Error::InvalidArgument(format!(
+                "parent {parent:?} is not a committed snapshot"
+            )));
+        }
+        Ok(Some(p))
     }
 
     /// Takes a new id for a snapshot whose directory is made before any
@@ -304,19 +311,10 @@ impl MetaStore {
         if self.read(name)?.is_some() {
             return Err(Error::AlreadyExists(format!("snapshot {name:?}")));
         }
-        let mut chain = Vec::new();
-        if !parent.is_empty() {
-            let p = self
-                .read(parent)?
-                .ok_or_else(|| not_found("parent snapshot", parent))?;
-            if p.kind() != Kind::Committed {
-                return Err(Error::InvalidArgument(format!(
-                    "parent {parent:?} is not a committed snapshot"
-                )));
-            }
-            chain.push(p.id);
-            chain.extend_from_slice(&p.parent_ids);
-        }
+        let chain = self
+            .committed_parent(parent)?
+            .map(|p| p.lineage())
+            .unwrap_or_default();
         if chain != parent_ids {
             return Err(Error::FailedPrecondition(format!(
                 "parent {parent:?} changed while its child was unpacked"

@@ -423,13 +423,13 @@ impl Unpacker {
                 }
             }
         })?;
-        // `apply` checked both digests; say so plainly if it ever does not.
-        let verified = report.digest == req.layer.to_string() && report.diff_id == info.diff_id;
-        // The blob read to its end and verified: keep it.
+        // `apply` read the blob to its end and checked both digests
+        // (`expected_digest`, `expected_diff_id`): keep it. (The store checks
+        // the kept bytes against the digest once more at its commit.)
         let mut keeping = false;
         let mut keep_time = None;
-        match (verified, rx.try_recv()) {
-            (true, Ok(Some(keep))) => {
+        match rx.try_recv() {
+            Ok(Some(keep)) => {
                 // Before the Prepare returns. Measured in `strata bench
                 // pull` on 2 cores: committing in the background made the
                 // whole pull slower (the next layer's unpack and its syncfs
@@ -446,9 +446,7 @@ impl Unpacker {
                     }
                 }
             }
-            (_, other) => {
-                tracing::debug!(layer = %req.layer, kept = ?other.map(|k| k.is_some()), "layer blob not kept")
-            }
+            _ => tracing::debug!(layer = %req.layer, "layer blob not kept"),
         }
         Ok(Unpacked {
             report,

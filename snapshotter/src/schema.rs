@@ -212,6 +212,14 @@ impl Record {
         };
     }
 
+    /// This snapshot's id followed by its ancestors', nearest first: the
+    /// `parent_ids` of a child of it.
+    pub fn lineage(&self) -> Vec<u64> {
+        std::iter::once(self.id)
+            .chain(self.parent_ids.iter().copied())
+            .collect()
+    }
+
     /// The stored usage.
     pub fn usage(&self) -> Usage {
         Usage {

@@ -541,6 +541,13 @@ impl Containerd {
         Ok(String::from_utf8_lossy(&self.ctr_bytes(args)?).into_owned())
     }
 
+    /// `ctr snapshots --snapshotter SNAPSHOTTER ls`, one line a snapshot
+    /// (the header dropped).
+    pub fn snapshot_lines(&mut self, snapshotter: &str) -> Result<Vec<String>> {
+        let out = self.ctr(&["snapshots", "--snapshotter", snapshotter, "ls"])?;
+        Ok(out.lines().skip(1).map(str::to_string).collect())
+    }
+
     /// `ctr image pull --plain-http --snapshotter SNAPSHOTTER REFERENCE`.
     pub fn pull(&mut self, snapshotter: &str, reference: &str) -> Result<String> {
         self.ctr(&[
