@@ -40,6 +40,9 @@ pub struct RegistrySettings {
     pub docker_config: Option<PathBuf>,
     /// Range requests in flight per layer.
     pub parallel_ranges: usize,
+    /// Layers fetched and unpacked at once, across all images. The first
+    /// fast-path Prepare of an image starts the layers above it too.
+    pub layers_at_once: usize,
 }
 
 impl Default for RegistrySettings {
@@ -49,6 +52,7 @@ impl Default for RegistrySettings {
             plain_http: false,
             docker_config: None,
             parallel_ranges: 4,
+            layers_at_once: 2,
         }
     }
 }

@@ -239,6 +239,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             Unpacker::new(
                 cfg.registry.client_config(),
                 cfg.registry.parallel_ranges,
+                cfg.registry.layers_at_once,
                 store
                     .clone()
                     .filter(|_| cfg.content.keep_blobs)

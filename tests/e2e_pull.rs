@@ -107,6 +107,14 @@ fn strata_pull_unpacks_layers_itself_and_the_tree_is_containerds() -> Result<()>
         snaps.iter().filter(|l| l.contains("Committed")).count() == 3,
         "{snaps:#?}"
     );
+    // Layers 2 and 3 were unpacked ahead of their Prepares, concurrently:
+    // each went into its own directory and was taken by its Prepare; no
+    // other directory is left.
+    let snap_dirs = std::fs::read_dir(strata.root.join("snapshots/strata"))?.count();
+    ensure!(
+        snap_dirs == 3,
+        "3 snapshot directories, one per layer; found {snap_dirs}"
+    );
 
     // runc runs it, and sees layer 3's view.
     let out = cd.run(
@@ -116,7 +124,7 @@ fn strata_pull_unpacks_layers_itself_and_the_tree_is_containerds() -> Result<()>
         &[
             "/bin/sh",
             "-c",
-            "ls /rich; ls /rich/opaque; cat /rich/owned /rich/added; stat -c '%a %u:%g' /rich/suid /rich/owned",
+            "ls /rich; ls /rich/opaque; cat /rich/owned /rich/added; stat -c '%a %u:%g' /rich/suid /rich/owned /rich/private",
         ],
     )?;
     for want in [
@@ -126,6 +134,8 @@ fn strata_pull_unpacks_layers_itself_and_the_tree_is_containerds() -> Result<()>
         "added in layer 3\n",
         "4750 0:0\n",
         "640 1000:1001\n",
+        // Layer 3's implied parent, with layer 2's mode and owner.
+        "750 1000:1001\n",
     ] {
         ensure!(
             out.contains(want),
@@ -161,6 +171,7 @@ fn strata_pull_unpacks_layers_itself_and_the_tree_is_containerds() -> Result<()>
         "rich/fifo",
         "rich/null",
         "rich/owned",
+        "rich/private/sub/y",
     ] {
         ensure!(ours.contains_key(p), "{p} missing from the compared tree");
     }

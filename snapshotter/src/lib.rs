@@ -7,6 +7,7 @@
 //! thread, [`meta::MetaStore::begin_create`] (checks, id), the directory,
 //! [`meta::MetaStore::finish_create`] (one synced batch).
 
+mod ahead;
 mod du;
 pub mod error;
 mod locks;

@@ -24,7 +24,7 @@ pub struct MetaStore {
     ids: Mutex<IdRange>,
     /// Ids handed out whose records are not written yet: Cleanup spares their
     /// directories.
-    inflight: Mutex<HashSet<u64>>,
+    inflight: Arc<Mutex<HashSet<u64>>>,
     sync: WriteOptions,
     /// Reads that may not do I/O (memtable and block cache only).
     cache_only: ReadOptions,
@@ -58,22 +58,27 @@ impl Drop for PendingCreate<'_> {
     }
 }
 
-/// An id taken ahead of its record (see [`MetaStore::reserve_id`]).
-pub struct ReservedId<'a> {
-    store: &'a MetaStore,
+/// An id taken ahead of its record (see [`MetaStore::reserve_id`]). It
+/// may outlive the call that took it (a layer unpacked ahead of its
+/// Prepare).
+pub struct ReservedId {
+    inflight: Arc<Mutex<HashSet<u64>>>,
     id: u64,
 }
 
-impl ReservedId<'_> {
+impl ReservedId {
     /// The id: names the snapshot's directory.
     pub fn id(&self) -> u64 {
         self.id
     }
 }
 
-impl Drop for ReservedId<'_> {
+impl Drop for ReservedId {
     fn drop(&mut self) {
-        self.store.inflight_lock().remove(&self.id);
+        self.inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.id);
     }
 }
 
@@ -102,7 +107,7 @@ impl MetaStore {
                 next: 1,
                 reserved: 1,
             }),
-            inflight: Mutex::new(HashSet::new()),
+            inflight: Arc::new(Mutex::new(HashSet::new())),
             sync,
             cache_only,
         };
@@ -282,10 +287,29 @@ impl MetaStore {
     /// Takes a new id for a snapshot whose directory is made before any
     /// record or lock (the unpack fast path): until the guard is dropped,
     /// Cleanup spares its directory.
-    pub fn reserve_id(&self) -> Result<ReservedId<'_>> {
+    pub fn reserve_id(&self) -> Result<ReservedId> {
         let id = self.take_id()?;
         self.inflight_lock().insert(id);
-        Ok(ReservedId { store: self, id })
+        Ok(ReservedId {
+            inflight: self.inflight.clone(),
+            id,
+        })
+    }
+
+    /// Whether a layer the fast path committed as `chain` is here: a
+    /// snapshot named `chain` (a base layer) or `chain/p<parent id>`.
+    pub fn has_layer(&self, chain: &str) -> Result<bool> {
+        if self.read(chain)?.is_some() {
+            return Ok(true);
+        }
+        let prefix = self.keys.snapshot(&format!("{chain}/p"));
+        let mut it = self.db.raw_iterator_cf(self.cf(schema::CF_BY_KEY)?);
+        it.seek(&prefix);
+        if it.valid() {
+            return Ok(it.key().is_some_and(|k| k.starts_with(&prefix)));
+        }
+        it.status()?;
+        Ok(false)
     }
 
     /// Records a committed snapshot `name` on `parent` whose directory (id
@@ -295,7 +319,7 @@ impl MetaStore {
     /// since, FailedPrecondition. AlreadyExists if `name` is taken.
     pub fn create_committed(
         &self,
-        id: ReservedId<'_>,
+        id: ReservedId,
         name: &str,
         parent: &str,
         parent_ids: &[u64],

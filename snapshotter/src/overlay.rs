@@ -23,16 +23,16 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use tokio::sync::mpsc;
 
+use crate::ahead::{Ahead, Outcome, UNCLAIMED_TTL};
 use crate::du::disk_usage;
 use crate::error::{Error, Result};
 use crate::meta::MetaStore;
 use crate::remote::{
-    LayerRequest, RemoteError, Unpacker, KEPT_BLOB_LABEL, TARGET_REF, UNPACKED_LABEL,
+    chain_id, LayerRequest, RemoteError, Unpacker, KEPT_BLOB_LABEL, TARGET_REF, UNPACKED_LABEL,
 };
 use crate::schema::Record;
 use crate::types::{Info, Kind, Labels, Mount, Usage};
 use crate::Snapshotter;
-use sha2::Digest as _;
 
 /// The label containerd's overlayfs sets (with `upperdir_label`) to tell
 /// where a snapshot's upper dir is.
@@ -77,6 +77,8 @@ struct Inner {
     remover: std::sync::mpsc::Sender<PathBuf>,
     /// The unpack fast path, when configured.
     unpacker: Option<Arc<Unpacker>>,
+    /// Its layers unpacked ahead of their Prepare.
+    ahead: Ahead,
 }
 
 /// How a Prepare through the fast path did not end in AlreadyExists.
@@ -247,6 +249,7 @@ impl OverlaySnapshotter {
                 base_options,
                 volatile: cfg.volatile,
                 unpacker,
+                ahead: Ahead::default(),
             }),
         };
         let inner = s.inner.clone();
@@ -258,6 +261,22 @@ impl OverlaySnapshotter {
                 }
             })
             .map_err(|e| Error::io("spawn cleanup thread", e))?;
+        if s.inner.unpacker.is_some() {
+            // Layers unpacked ahead for a pull that never came back for them.
+            let inner = Arc::downgrade(&s.inner);
+            std::thread::Builder::new()
+                .name("strata-ahead-expiry".into())
+                .spawn(move || loop {
+                    std::thread::sleep(std::time::Duration::from_secs(60));
+                    match inner.upgrade() {
+                        Some(i) => {
+                            i.ahead.expire(UNCLAIMED_TTL);
+                        }
+                        None => break,
+                    }
+                })
+                .map_err(|e| Error::io("spawn expiry thread", e))?;
+        }
         Ok(s)
     }
 
@@ -444,7 +463,7 @@ impl Inner {
     /// before the record; a crash leaves an orphan that start-up removes.
     fn create_remote(
         &self,
-        unpacker: &Unpacker,
+        unpacker: &Arc<Unpacker>,
         req: &LayerRequest,
         parent: &str,
         labels: &Labels,
@@ -470,33 +489,28 @@ impl Inner {
                 .unwrap_or_else(|| parent.rsplit('/').next().unwrap_or(parent).to_string())
         });
 
-        let id = self.meta.reserve_id()?;
-        let dir = self.dir(id.id());
-        self.make_dirs(id.id(), false, parent_ids.first().copied(), parent)?;
-        let upper = self.upper(id.id());
-        let lowers = parent_ids.iter().map(|i| self.upper(*i)).collect();
-        let unpacked = (|| {
-            let u = unpacker
-                .unpack(
-                    req,
-                    &upper,
-                    lowers,
-                    self.base_options.iter().any(|o| o == "userxattr"),
-                )
-                .map_err(|e| match e.falls_back() {
-                    true => RemoteFailure::Fallback(e),
-                    false => RemoteFailure::Fail(Error::FailedPrecondition(e.to_string())),
-                })?;
+        let userxattr = self.base_options.iter().any(|o| o == "userxattr");
+        // This layer's job first (it takes the next free slot), then the
+        // layers above it, so that they unpack while containerd works down
+        // its list one Prepare at a time.
+        let claim = self.ahead.claim(unpacker, req, userxattr, || {
+            let id = self.meta.reserve_id()?;
+            let dir = self.dir(id.id());
+            Ok((id, dir))
+        })?;
+        self.start_ahead(unpacker, req, userxattr);
+        let mut staged = match claim.wait() {
+            Outcome::Staged(s) => s,
+            Outcome::Fallback(e) => return Err(RemoteFailure::Fallback(e)),
+            Outcome::Failed(e) => return Err(RemoteFailure::Fail(e)),
+        };
+        let upper = staged.dir().join("fs");
+        let lowers: Vec<PathBuf> = parent_ids.iter().map(|i| self.upper(*i)).collect();
+        let finished = (|| {
+            let u = &staged.unpacked;
             // The layer must be the one containerd asked for: its chain id
             // on this parent is the target.
-            let diff_id = &u.report.diff_id;
-            let chain = match &parent_chain {
-                None => diff_id.clone(),
-                Some(p) => format!(
-                    "sha256:{:x}",
-                    sha2::Sha256::digest(format!("{p} {diff_id}").as_bytes())
-                ),
-            };
+            let chain = chain_id(parent_chain.as_deref(), &u.report.diff_id);
             // (A parent named by a client, not by its chain id, cannot be
             // checked this way; the digests were checked all the same.)
             let checkable = parent_chain
@@ -508,6 +522,17 @@ impl Inner {
                     req.layer, req.target
                 ))));
             }
+            // Unpacked without its parent: the layer's root belongs to
+            // whoever owns the parent's, and the parents it made take the
+            // attributes the lower layers give them.
+            if let Some(&pid) = parent_ids.first() {
+                let st = std::fs::metadata(self.upper(pid))
+                    .map_err(|e| Error::io(format!("stat parent {parent:?}"), e))?;
+                std::os::unix::fs::lchown(&upper, Some(st.uid()), Some(st.gid()))
+                    .map_err(|e| Error::io("chown upper dir", e))?;
+            }
+            strata_unpack::adopt_parents(&upper, &u.report.implicit_dirs, &lowers)
+                .map_err(|e| Error::FailedPrecondition(format!("layer {}: {e}", req.layer)))?;
             // One sync for the whole layer, before any record names it:
             // syncfs also writes the new directory entries of `<id>` and
             // the root (same filesystem), so no fsync of them is needed.
@@ -517,15 +542,11 @@ impl Inner {
             nix::unistd::syncfs(&f)
                 .map_err(|e| Error::io(format!("syncfs {}", upper.display()), e.into()))?;
             let usage = disk_usage(&upper)?;
-            Ok::<_, RemoteFailure>((u, synced.elapsed(), usage))
+            Ok::<_, RemoteFailure>((synced.elapsed(), usage))
         })();
-        let (u, sync_time, usage) = match unpacked {
-            Ok(u) => u,
-            Err(e) => {
-                let _ = std::fs::remove_dir_all(&dir);
-                return Err(e);
-            }
-        };
+        // On error `staged` drops, and its directory with it.
+        let (sync_time, usage) = finished?;
+        let u = staged.unpacked.clone();
         let r = &u.report;
         tracing::info!(
             layer = %req.layer,
@@ -556,6 +577,9 @@ impl Inner {
                 (r.elapsed + sync_time).as_millis()
             ),
         );
+        let Some(id) = staged.take_id() else {
+            return Err(Error::Internal("an unpacked layer without its id".into()).into());
+        };
         match self
             .meta
             .create_committed(id, &name, parent, &parent_ids, labels, usage)
@@ -563,7 +587,7 @@ impl Inner {
             Ok(_) => Ok(()),
             // Another Prepare of the same layer got there first: ours goes.
             Err(Error::AlreadyExists(_)) => {
-                let _ = std::fs::remove_dir_all(&dir);
+                let _ = std::fs::remove_dir_all(staged.dir());
                 if self.existing_layer(&name, req, parent)? {
                     Ok(())
                 } else {
@@ -577,6 +601,52 @@ impl Inner {
             // The directory stays: a failed synced write may still be
             // replayed at the next start; Cleanup removes it otherwise.
             Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Starts jobs for the layers of `req`'s image above it that are not
+    /// here and not started (best effort: a failure only logs).
+    fn start_ahead(&self, unpacker: &Arc<Unpacker>, req: &LayerRequest, userxattr: bool) {
+        self.ahead.expire(UNCLAIMED_TTL);
+        let plan = match unpacker.plan(req) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::debug!(layer = %req.layer, error = %e, "no layers unpacked ahead");
+                return;
+            }
+        };
+        let Some(pos) = plan.iter().position(|l| l.digest == req.layer) else {
+            return;
+        };
+        for l in &plan[pos + 1..] {
+            let next = LayerRequest {
+                target: l.chain_id.clone(),
+                layer: l.digest.clone(),
+                ..req.clone()
+            };
+            if self.ahead.has(&next) {
+                continue;
+            }
+            let started = (|| {
+                if self.meta.has_layer(&l.chain_id)? {
+                    return Ok(false);
+                }
+                let id = self.meta.reserve_id()?;
+                let dir = self.dir(id.id());
+                self.ahead
+                    .start(unpacker.clone(), next, id, dir, userxattr)?;
+                Ok::<_, Error>(true)
+            })();
+            match started {
+                Ok(true) => {
+                    tracing::debug!(layer = %l.digest, "unpacking ahead of its Prepare")
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(layer = %l.digest, error = %e, "not unpacking ahead");
+                    return;
+                }
+            }
         }
     }
 

@@ -168,16 +168,42 @@ impl<R> Drop for KeepOnDrop<R> {
 /// A layer of a manifest: its size and the diff_id its config gives it.
 #[derive(Debug, Clone)]
 struct LayerInfo {
+    digest: String,
     size: u64,
     diff_id: String,
+}
+
+/// The chain id of a layer with `diff_id` on a parent with chain id
+/// `parent` (OCI image spec: `sha256(parent + " " + diff_id)`).
+pub fn chain_id(parent: Option<&str>, diff_id: &str) -> String {
+    use sha2::Digest as _;
+    match parent {
+        None => diff_id.to_string(),
+        Some(p) => format!(
+            "sha256:{:x}",
+            sha2::Sha256::digest(format!("{p} {diff_id}").as_bytes())
+        ),
+    }
+}
+
+/// A layer of the image a Prepare named, as [`Unpacker::plan`] lists them.
+#[derive(Debug, Clone)]
+pub struct PlannedLayer {
+    /// The layer's digest.
+    pub digest: Digest,
+    /// The chain id it is committed as.
+    pub chain_id: String,
 }
 
 /// Fetches and unpacks layers for the overlay snapshotter.
 pub struct Unpacker {
     client: Client,
     parallel: ParallelOptions,
-    /// Layers by manifest digest: one manifest and config fetch per image.
-    layers: Mutex<HashMap<String, HashMap<String, LayerInfo>>>,
+    /// Layers by manifest digest, bottom first: one manifest and config
+    /// fetch per image.
+    layers: Mutex<HashMap<String, Arc<Vec<LayerInfo>>>>,
+    /// Layers fetched and unpacked at once, across every image.
+    slots: Arc<tokio::sync::Semaphore>,
     /// Where the compressed blob is kept as it streams by (`keep_blobs`).
     blobs: Option<Arc<dyn BlobSink>>,
 }
@@ -238,13 +264,16 @@ pub struct Unpacked {
 
 impl Unpacker {
     /// An unpacker with the registry settings `cfg`, `parallelism` range
-    /// requests in flight per layer.
+    /// requests in flight per layer and `layers_at_once` layers unpacked at
+    /// once.
     pub fn new(
         cfg: ClientConfig,
         parallelism: usize,
+        layers_at_once: usize,
         blobs: Option<Arc<dyn BlobSink>>,
     ) -> Result<Unpacker, strata_registry::Error> {
         Ok(Unpacker {
+            slots: Arc::new(tokio::sync::Semaphore::new(layers_at_once.max(1))),
             client: Client::new(cfg)?,
             parallel: ParallelOptions::new(
                 ParallelOptions::default().range_size,
@@ -255,19 +284,66 @@ impl Unpacker {
         })
     }
 
+    /// The slots that bound how many layers are unpacked at once (FIFO).
+    pub(crate) fn slots(&self) -> Arc<tokio::sync::Semaphore> {
+        self.slots.clone()
+    }
+
+    /// The layers of the request's image, bottom first, with their chain
+    /// ids. Blocking (as [`Unpacker::unpack`]).
+    pub fn plan(&self, req: &LayerRequest) -> Result<Vec<PlannedLayer>, RemoteError> {
+        let layers = tokio::runtime::Handle::current().block_on(self.image_layers(req))?;
+        let mut parent: Option<String> = None;
+        let mut out = Vec::with_capacity(layers.len());
+        for l in layers.iter() {
+            let chain = chain_id(parent.as_deref(), &l.diff_id);
+            out.push(PlannedLayer {
+                digest: l
+                    .digest
+                    .parse()
+                    .map_err(|e| RemoteError::Labels(format!("digest {:?}: {e}", l.digest)))?,
+                chain_id: chain.clone(),
+            });
+            parent = Some(chain);
+        }
+        Ok(out)
+    }
+
+    async fn layer_info(&self, req: &LayerRequest) -> Result<LayerInfo, RemoteError> {
+        let (manifest, layers) = self.image_layers_of(req).await?;
+        let layer = req.layer.to_string();
+        // Labels that do not fit the registry's image (a moved tag, another
+        // platform): containerd can still do it the ordinary way.
+        layers
+            .iter()
+            .find(|l| l.digest == layer)
+            .cloned()
+            .ok_or_else(|| {
+                RemoteError::Labels(format!(
+                    "layer {} is not a layer of manifest {manifest}",
+                    req.layer
+                ))
+            })
+    }
+
+    async fn image_layers(&self, req: &LayerRequest) -> Result<Arc<Vec<LayerInfo>>, RemoteError> {
+        Ok(self.image_layers_of(req).await?.1)
+    }
+
     /// The layers of the request's image: by its manifest digest, else by
     /// resolving its reference for this host's platform.
-    async fn layer_info(&self, req: &LayerRequest) -> Result<LayerInfo, RemoteError> {
-        let key = req.manifest.as_ref().map(|m| m.to_string());
-        if let Some(k) = &key {
+    async fn image_layers_of(
+        &self,
+        req: &LayerRequest,
+    ) -> Result<(String, Arc<Vec<LayerInfo>>), RemoteError> {
+        if let Some(k) = req.manifest.as_ref().map(|m| m.to_string()) {
             if let Some(l) = self
                 .layers
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .get(k)
-                .and_then(|m| m.get(&req.layer.to_string()))
+                .get(&k)
             {
-                return Ok(l.clone());
+                return Ok((k, l.clone()));
             }
         }
         let fetch = |what: String| move |source| RemoteError::Fetch { what, source };
@@ -318,33 +394,23 @@ impl Unpacker {
                 ),
             });
         }
-        let map: HashMap<String, LayerInfo> = manifest
-            .layers()
-            .iter()
-            .zip(diff_ids)
-            .map(|(l, d)| {
-                (
-                    l.digest().to_string(),
-                    LayerInfo {
-                        size: l.size(),
-                        diff_id: d.clone(),
-                    },
-                )
-            })
-            .collect();
-        let found = map.get(&req.layer.to_string()).cloned();
+        let layers: Arc<Vec<LayerInfo>> = Arc::new(
+            manifest
+                .layers()
+                .iter()
+                .zip(diff_ids)
+                .map(|(l, d)| LayerInfo {
+                    digest: l.digest().to_string(),
+                    size: l.size(),
+                    diff_id: d.clone(),
+                })
+                .collect(),
+        );
         self.layers
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(manifest_digest.clone(), map);
-        // Labels that do not fit the registry's image (a moved tag, another
-        // platform): containerd can still do it the ordinary way.
-        found.ok_or_else(|| {
-            RemoteError::Labels(format!(
-                "layer {} is not a layer of manifest {manifest_digest}",
-                req.layer
-            ))
-        })
+            .insert(manifest_digest.clone(), layers.clone());
+        Ok((manifest_digest, layers))
     }
 
     /// Fetches the layer and applies it into `dir` (empty), with `lowers`

@@ -87,6 +87,10 @@ pub enum BenchCmd {
         /// Rounds (alternating between configurations).
         #[arg(long, default_value_t = 3)]
         rounds: usize,
+        /// Only these configurations (comma-separated: strata-pull, strata,
+        /// containerd, refproxy); all by default.
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
     },
     /// How figures grow with snapshot count, chain depth, clients and blob
     /// size; a table and an SVG plot. Run it against started daemons: it
@@ -347,15 +351,21 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
             mib,
             image,
             rounds,
+            only,
         } => {
             let mut r = report(&daemons.workdir, 64)?;
-            r.rows = pull::run(
-                &pull_configs(&daemons)?,
-                &daemons.workdir,
-                image,
-                mib,
-                rounds,
-            )?;
+            let mut configs = pull_configs(&daemons)?;
+            if !only.is_empty() {
+                let known: Vec<&str> = configs.iter().map(|c| c.name()).collect();
+                if let Some(bad) = only.iter().find(|o| !known.contains(&o.as_str())) {
+                    bail!(
+                        "--only {bad:?}: the configurations are {} (refproxy needs --refproxy)",
+                        known.join(", ")
+                    );
+                }
+                configs.retain(|c| only.iter().any(|o| o == c.name()));
+            }
+            r.rows = pull::run(&configs, &daemons.workdir, image, mib, rounds)?;
             finish(&r, &daemons.json)
         }
         BenchCmd::Scaling {

@@ -29,7 +29,8 @@ pub enum Config {
 }
 
 impl Config {
-    fn label(&self) -> &'static str {
+    /// The name reports and `--only` use.
+    pub fn name(&self) -> &'static str {
         match self {
             Config::Builtin => "containerd",
             Config::Refproxy(_) => "refproxy",
@@ -287,9 +288,9 @@ pub fn run(
     let mut results: Vec<Vec<One>> = configs.iter().map(|_| Vec::new()).collect();
     for r in 0..rounds {
         for (i, c) in configs.iter().enumerate() {
-            let dir = tmp.path().join(format!("r{r}-{}", c.label()));
+            let dir = tmp.path().join(format!("r{r}-{}", c.name()));
             let one = once(c, &dir, &proxy, &reference)
-                .with_context(|| format!("pull with {}", c.label()))?;
+                .with_context(|| format!("pull with {}", c.name()))?;
             results[i].push(one);
         }
     }
@@ -316,12 +317,12 @@ pub fn run(
         let pulls: Vec<Duration> = res.iter().map(|o| o.pull).collect();
         let runs: Vec<Duration> = res.iter().map(|o| o.run).collect();
         let total: Duration = pulls.iter().sum();
-        let mut p = summarize(c.label(), "pull+unpack", pulls, total);
+        let mut p = summarize(c.name(), "pull+unpack", pulls, total);
         p.group = "pull".into();
         p.extra = extra;
         rows.push(p);
         let total: Duration = runs.iter().sum();
-        let mut q = summarize(c.label(), "run", runs, total);
+        let mut q = summarize(c.name(), "run", runs, total);
         q.group = "pull".into();
         rows.push(q);
     }

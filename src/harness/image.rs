@@ -14,6 +14,8 @@ use sha2::{Digest, Sha256};
 pub enum Entry {
     /// A directory.
     Dir(String),
+    /// A directory with a mode and owner (uid, gid).
+    OwnedDir(String, u32, u64, u64),
     /// A regular file with its bytes and mode.
     File(String, Vec<u8>, u32),
     /// A symbolic link to a target.
@@ -153,6 +155,16 @@ fn layer_tar(entries: &[Entry]) -> Result<Vec<u8>> {
         match e {
             Entry::Dir(p) => {
                 let mut h = header(tar::EntryType::Directory, 0o755, 0);
+                b.append_data(
+                    &mut h,
+                    format!("{}/", p.trim_end_matches('/')),
+                    std::io::empty(),
+                )?;
+            }
+            Entry::OwnedDir(p, mode, uid, gid) => {
+                let mut h = header(tar::EntryType::Directory, *mode, 0);
+                h.set_uid(*uid);
+                h.set_gid(*gid);
                 b.append_data(
                     &mut h,
                     format!("{}/", p.trim_end_matches('/')),
@@ -456,6 +468,8 @@ pub fn rich_image() -> Result<Image> {
             0o644,
         ),
         Entry::File("rich/deleted".into(), b"whited out\n".to_vec(), 0o644),
+        Entry::OwnedDir("rich/private".into(), 0o750, 1000, 1001),
+        Entry::File("rich/private/x".into(), b"x\n".to_vec(), 0o644),
     ];
     let layer3 = vec![
         Entry::Dir("rich".into()),
@@ -470,6 +484,14 @@ pub fn rich_image() -> Result<Image> {
             0o4750,
         ),
         Entry::File("rich/added".into(), b"added in layer 3\n".to_vec(), 0o600),
+        // No entries for its parents: `rich/private` takes its mode and
+        // owner from the layer below (containerd's WithParents), even when
+        // this layer is unpacked before that one.
+        Entry::File(
+            "rich/private/sub/y".into(),
+            b"parents implied\n".to_vec(),
+            0o644,
+        ),
     ];
     Ok(Image {
         layers: vec![busybox_layer()?, layer2, layer3],

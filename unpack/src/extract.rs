@@ -131,6 +131,9 @@ pub(crate) struct Extractor<'o> {
     pub bytes_written: u64,
     /// Time spent waiting for the tar stream (decompression) while extracting.
     pub read_wait: Duration,
+    /// Parent directories made with default attributes because no lower
+    /// layer had them (none given) and no entry of the archive set them.
+    pub implicit: std::collections::BTreeSet<Vec<u8>>,
 }
 
 impl<'o> Extractor<'o> {
@@ -145,6 +148,7 @@ impl<'o> Extractor<'o> {
             counts: Counts::default(),
             bytes_written: 0,
             read_wait: Duration::ZERO,
+            implicit: Default::default(),
         }
     }
 
@@ -235,6 +239,7 @@ impl<'o> Extractor<'o> {
                 let path = join(&comps);
                 let dfd = self.make_dir(&pfd, base, name)?;
                 self.set_meta_fd(&dfd, h)?;
+                self.implicit.remove(&path);
                 self.dirs.push(DirTimes {
                     path: path.clone(),
                     times: timestamps(h),
@@ -326,7 +331,10 @@ impl<'o> Extractor<'o> {
                         .map_err(|e| lookup_error(e, entry, "its parent directory"))?;
                     rfs::fchmod(&fd, Mode::from_raw_mode(0o755))
                         .map_err(|e| Error::entry_io("chmod of a parent directory of", entry, e))?;
-                    self.copy_from_lower(&fd, &join(&comps[..=i]), entry)?;
+                    let path = join(&comps[..=i]);
+                    if !self.copy_from_lower(&fd, &path, entry, true)? {
+                        self.implicit.insert(path);
+                    }
                     fd
                 }
                 Err(e) => return Err(lookup_error(e, entry, "its parent directory")),
@@ -337,15 +345,34 @@ impl<'o> Extractor<'o> {
         cur.ok_or_else(|| Error::unsafe_entry(entry, "empty parent path"))
     }
 
+    /// The directory at `path` under the root, if it is one (no symlink
+    /// followed).
+    pub(crate) fn open_dir_beneath(&self, path: &[u8]) -> Result<Option<OwnedFd>, Error> {
+        match open_beneath(self.root.as_fd(), path, dir_flags2()) {
+            Ok(fd) => Ok(Some(fd)),
+            Err(Errno::NOENT) | Err(Errno::NOTDIR) | Err(Errno::LOOP) | Err(Errno::XDEV) => {
+                Ok(None)
+            }
+            Err(e) => Err(Error::entry_io("opening directory", path, e)),
+        }
+    }
+
     /// containerd's `copyDirInfo` + `copyUpXAttrs` from the first lower layer
-    /// that has `path`; a lower that has a non-directory there stops the search.
-    fn copy_from_lower(&self, fd: &OwnedFd, path: &[u8], entry: &[u8]) -> Result<(), Error> {
+    /// that has `path` (times too when `times`); a lower that has a
+    /// non-directory there stops the search. Whether a lower decided.
+    pub(crate) fn copy_from_lower(
+        &self,
+        fd: &OwnedFd,
+        path: &[u8],
+        entry: &[u8],
+        times: bool,
+    ) -> Result<bool, Error> {
         for lower in &self.lowers {
             let lfd = match open_beneath(lower.as_fd(), path, dir_flags2()) {
                 Ok(f) => f,
                 Err(Errno::NOENT) => continue,
                 // A symlink or a file in the lower: default permissions.
-                Err(Errno::LOOP) | Err(Errno::NOTDIR) | Err(Errno::XDEV) => return Ok(()),
+                Err(Errno::LOOP) | Err(Errno::NOTDIR) | Err(Errno::XDEV) => return Ok(true),
                 Err(e) => {
                     return Err(Error::entry_io(
                         "looking up a lower directory for",
@@ -361,7 +388,7 @@ impl<'o> Extractor<'o> {
                 .map_err(|e| Error::entry_io(ctx, entry, e))?;
             rfs::fchmod(fd, Mode::from_raw_mode(st.st_mode))
                 .map_err(|e| Error::entry_io(ctx, entry, e))?;
-            let times = Timestamps {
+            let ts = Timestamps {
                 last_access: Timespec {
                     tv_sec: st.st_atime as i64,
                     tv_nsec: st.st_atime_nsec as _,
@@ -371,11 +398,13 @@ impl<'o> Extractor<'o> {
                     tv_nsec: st.st_mtime_nsec as _,
                 },
             };
-            rfs::futimens(fd, &times).map_err(|e| Error::entry_io(ctx, entry, e))?;
+            if times {
+                rfs::futimens(fd, &ts).map_err(|e| Error::entry_io(ctx, entry, e))?;
+            }
             copy_xattrs(&lfd, fd).map_err(|e| Error::entry_io(ctx, entry, e))?;
-            return Ok(());
+            return Ok(true);
         }
-        Ok(())
+        Ok(false)
     }
 
     /// Removes whatever is at `parent/base` (recursively).

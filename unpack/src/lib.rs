@@ -40,6 +40,8 @@
 //! * Missing parent directories are created 0755 root:root, or with the
 //!   owner, mode, times and xattrs of the same directory in the first of
 //!   [`ApplyOptions::lower_dirs`] that has it (containerd's `WithParents`).
+//!   A layer applied before its lowers are known lists the ones it made in
+//!   [`Report::implicit_dirs`], and [`adopt_parents`] fixes them later.
 //! * `trusted.*` xattrs in the archive are ignored (containerd refuses them);
 //!   so are `user.overlay.*` ones with `userxattr`.
 //!
@@ -190,6 +192,41 @@ pub struct Report {
     /// Wall-clock time of the whole call. With `pipeline`, decompression
     /// and writing overlap, so it is less than the sum of the parts.
     pub elapsed: Duration,
+    /// Parent directories that no entry of the layer set and no lower
+    /// directory had, made 0755 root:root: when the layer was applied
+    /// without its lowers, [`adopt_parents`] gives them their attributes
+    /// once the lowers are known. Relative paths.
+    pub implicit_dirs: Vec<Vec<u8>>,
+}
+
+/// For a layer applied into `dir` before its lower layers were known: gives
+/// each of `implicit` (its [`Report::implicit_dirs`]) the owner, mode and
+/// xattrs of the same directory in the first of `lower_dirs` (uppermost
+/// first) that has it, as [`apply`] does for a missing parent when it has
+/// the lowers. Its times are not copied: adding its children changed them
+/// in either case. A path that is no longer a directory is skipped.
+/// Returns how many were changed.
+pub fn adopt_parents(dir: &Path, implicit: &[Vec<u8>], lower_dirs: &[PathBuf]) -> Result<usize> {
+    if implicit.is_empty() || lower_dirs.is_empty() {
+        return Ok(0);
+    }
+    let root = open_dir(dir)?;
+    let lowers = lower_dirs
+        .iter()
+        .map(|p| open_dir(p))
+        .collect::<Result<Vec<_>>>()?;
+    let opts = ApplyOptions::default();
+    let ex = Extractor::new(root, lowers, &opts);
+    let mut changed = 0;
+    for path in implicit {
+        let Some(fd) = ex.open_dir_beneath(path)? else {
+            continue;
+        };
+        if ex.copy_from_lower(&fd, path, path, false)? {
+            changed += 1;
+        }
+    }
+    Ok(changed)
 }
 
 /// Bytes per chunk handed from the decompression thread to the extractor.
@@ -245,6 +282,7 @@ pub fn apply<R: Read + Send>(reader: R, dir: &Path, opts: &ApplyOptions) -> Resu
         digest_time: s.digest_time,
         write_time,
         elapsed: start.elapsed(),
+        implicit_dirs: ex.implicit.into_iter().collect(),
     };
     check_digest("digest", opts.expected_digest.as_deref(), &report.digest)?;
     check_digest("diff_id", opts.expected_diff_id.as_deref(), &report.diff_id)?;

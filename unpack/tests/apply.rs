@@ -458,6 +458,76 @@ fn missing_parents_copy_lower_attributes() {
 }
 
 #[test]
+fn parents_adopted_later_match_an_apply_with_its_lowers() {
+    // A layer unpacked before its parent is known (concurrent unpack) gets
+    // its implicit parents' attributes afterwards: the same owner, mode and
+    // xattrs as an apply that had the lowers from the start.
+    let lower = tempfile::tempdir().unwrap();
+    let share = lower.path().join("usr/share");
+    std::fs::create_dir_all(&share).unwrap();
+    std::os::unix::fs::chown(&share, Some(5), Some(6)).unwrap();
+    std::fs::set_permissions(&share, std::os::unix::fs::PermissionsExt::from_mode(0o750)).unwrap();
+    rustix::fs::setxattr(
+        &share,
+        "user.from-lower",
+        b"1",
+        rustix::fs::XattrFlags::empty(),
+    )
+    .unwrap();
+    let mut ar = Ar::new();
+    ar.file("usr/share/doc/readme", b"r", 0o644, 0, 0, T1);
+    // Set by the layer itself: never adopted.
+    ar.dir("etc", 0o700, 3, 3, T1);
+    ar.file("etc/conf/x", b"x", 0o644, 0, 0, T1);
+    let tar = ar.finish();
+
+    let with = Sandbox::new();
+    let opts = ApplyOptions {
+        lower_dirs: vec![lower.path().to_path_buf()],
+        ..Default::default()
+    };
+    let r = apply(&tar[..], &with.layer, &opts).unwrap();
+    // usr/share/doc and etc/conf: no lower has them.
+    assert_eq!(
+        r.implicit_dirs,
+        vec![b"etc/conf".to_vec(), b"usr/share/doc".to_vec()]
+    );
+
+    let later = Sandbox::new();
+    let r = apply(&tar[..], &later.layer, &ApplyOptions::default()).unwrap();
+    assert_eq!(
+        r.implicit_dirs,
+        vec![
+            b"etc/conf".to_vec(),
+            b"usr".to_vec(),
+            b"usr/share".to_vec(),
+            b"usr/share/doc".to_vec()
+        ]
+    );
+    let changed = strata_unpack::adopt_parents(
+        &later.layer,
+        &r.implicit_dirs,
+        &[lower.path().to_path_buf()],
+    )
+    .unwrap();
+    assert_eq!(changed, 2, "usr and usr/share are in the lower");
+    for p in ["usr", "usr/share", "usr/share/doc", "etc", "etc/conf"] {
+        let (a, b) = (stat(&with.layer.join(p)), stat(&later.layer.join(p)));
+        assert_eq!(
+            (a.mode(), a.uid(), a.gid()),
+            (b.mode(), b.uid(), b.gid()),
+            "{p}"
+        );
+        assert_eq!(
+            lget(&with.layer.join(p), "user.from-lower"),
+            lget(&later.layer.join(p), "user.from-lower"),
+            "{p}"
+        );
+    }
+    assert_eq!(stat(&later.layer.join("etc")).mode() & 0o7777, 0o700);
+}
+
+#[test]
 fn empty_and_end_only_blobs() {
     for blob in [Vec::new(), end_of_archive(), gzip(&end_of_archive())] {
         let sb = Sandbox::new();
