@@ -1,0 +1,3 @@
+//! strata's lazy layers: the eStargz format ([`estargz`]).
+
+pub mod estargz;
