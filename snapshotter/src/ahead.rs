@@ -1,22 +1,25 @@
 //! Layers unpacked ahead of their Prepare, so that the layers of one image
 //! unpack concurrently although containerd prepares them one at a time.
 //!
-//! The first fast-path Prepare of an image starts a job for its own layer
-//! and for every layer above it that is not here yet; each later Prepare
-//! takes its layer's job and waits for it. A job unpacks into the directory
-//! of a reserved id (no parent needed: an overlayfs layer is extracted on
-//! its own; [`strata_unpack::adopt_parents`] fixes the few directories that
-//! take their attributes from a lower layer once the parent is known). How
-//! many jobs run at once is bounded by the unpacker's slots, taken in the
-//! order the jobs were started (bottom layer first).
+//! A fast-path Prepare takes (claims) its layer's job, started by an
+//! earlier Prepare of the same image or now, and starts jobs for the next
+//! few layers above it that are not here yet (as many as the unpacker runs
+//! at once), then waits for its own. A job unpacks into the directory of a
+//! reserved id (no parent needed: an overlayfs layer is extracted on its
+//! own; [`strata_unpack::adopt_parents`] gives the few directories that take
+//! their attributes from a lower layer those attributes once the parent is
+//! known). The unpacker's slots bound how many jobs run at once, taken in
+//! the order the jobs were started (bottom layer first), each job on a
+//! thread of its own.
 //!
-//! Nothing a job makes is visible before the Prepare that takes it commits
-//! it. A finished job that nobody takes (an abandoned pull) is dropped after
-//! [`UNCLAIMED_TTL`], and its directory removed; after a crash, start-up
+//! Nothing a job makes is visible before the Prepare that claims it
+//! commits it, and its blob is kept (committed to the content store) only
+//! then. A finished job that nobody claims (an abandoned pull) is dropped
+//! after [`UNCLAIMED_TTL`], with its directory; after a crash, start-up
 //! removes it as any directory with no record.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -41,20 +44,29 @@ impl Staged {
     }
 
     /// Its directory (`<root>/<id>`).
-    pub fn dir(&self) -> &std::path::Path {
+    pub fn dir(&self) -> &Path {
         &self.dir
     }
 }
 
 impl Drop for Staged {
     fn drop(&mut self) {
-        // Still ours: nobody recorded it. Removed before the id is released,
-        // so a new reservation can never meet it.
-        if self.id.is_some() {
-            if let Err(e) = std::fs::remove_dir_all(&self.dir) {
-                if e.kind() != std::io::ErrorKind::NotFound {
-                    tracing::warn!(dir = %self.dir.display(), error = %e, "removing an unclaimed layer failed; Cleanup will");
-                }
+        // Still ours: nobody recorded it. Removed (off whatever thread this
+        // is) before the id is released, so a new reservation never meets it.
+        if let Some(id) = self.id.take() {
+            let dir = std::mem::take(&mut self.dir);
+            let removed = std::thread::Builder::new()
+                .name("strata-unclaimed".into())
+                .spawn(move || {
+                    if let Err(e) = std::fs::remove_dir_all(&dir) {
+                        if e.kind() != std::io::ErrorKind::NotFound {
+                            tracing::warn!(dir = %dir.display(), error = %e, "removing an unclaimed layer failed; Cleanup will");
+                        }
+                    }
+                    drop(id);
+                });
+            if let Err(e) = removed {
+                tracing::warn!(error = %e, "no thread to remove an unclaimed layer; Cleanup will");
             }
         }
     }
@@ -63,7 +75,7 @@ impl Drop for Staged {
 /// What a job ends with.
 pub(crate) enum Outcome {
     /// The layer is in its directory, both digests checked.
-    Staged(Staged),
+    Staged(Box<Staged>),
     /// The registry could not give it: the Prepare falls back.
     Fallback(RemoteError),
     /// Anything else: the Prepare fails.
@@ -73,90 +85,164 @@ pub(crate) enum Outcome {
 struct Job {
     done: Mutex<Option<(Outcome, Instant)>>,
     cv: Condvar,
+    claimed: std::sync::atomic::AtomicBool,
 }
 
 impl Job {
+    fn new() -> Arc<Job> {
+        Arc::new(Job {
+            done: Mutex::new(None),
+            cv: Condvar::new(),
+            claimed: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<(Outcome, Instant)>> {
+        self.done.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn finish(&self, o: Outcome) {
-        *self.done.lock().unwrap_or_else(|p| p.into_inner()) = Some((o, Instant::now()));
+        let mut g = self.lock();
+        if g.is_none() {
+            *g = Some((o, Instant::now()));
+        }
+        drop(g);
         self.cv.notify_all();
     }
 }
 
-/// A job taken by its Prepare.
-pub(crate) struct Claim(Arc<Job>);
+/// Ends a job as failed if its task is dropped before it finished (the
+/// runtime shutting down), so that no Prepare waits forever.
+struct FinishOnDrop(Option<Arc<Job>>);
 
-impl Claim {
-    /// Blocks until the job is done.
-    pub fn wait(self) -> Outcome {
-        let mut g = self.0.done.lock().unwrap_or_else(|p| p.into_inner());
-        loop {
-            if let Some((o, _)) = g.take() {
-                return o;
-            }
-            g = self.0.cv.wait(g).unwrap_or_else(|p| p.into_inner());
+impl FinishOnDrop {
+    fn finish(mut self, o: Outcome) {
+        if let Some(j) = self.0.take() {
+            j.finish(o);
         }
     }
 }
 
-/// The jobs of one snapshotter, by layer.
+impl Drop for FinishOnDrop {
+    fn drop(&mut self) {
+        if let Some(j) = self.0.take() {
+            j.finish(Outcome::Failed(crate::Error::Internal(
+                "the unpack job was stopped (shutting down)".into(),
+            )));
+        }
+    }
+}
+
+/// A job taken by its Prepare: waits for it, and takes it out of the table
+/// when dropped.
+pub(crate) struct Claim<'a> {
+    ahead: &'a Ahead,
+    key: String,
+    job: Arc<Job>,
+}
+
+impl Claim<'_> {
+    /// Blocks until the job is done.
+    pub fn wait(&self) -> Outcome {
+        let mut g = self.job.lock();
+        loop {
+            if let Some((o, _)) = g.take() {
+                return o;
+            }
+            g = self.job.cv.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        let mut jobs = self.ahead.lock();
+        if jobs
+            .get(&self.key)
+            .is_some_and(|j| Arc::ptr_eq(j, &self.job))
+        {
+            jobs.remove(&self.key);
+        }
+    }
+}
+
+/// The jobs of one snapshotter.
 #[derive(Default)]
 pub(crate) struct Ahead {
     jobs: Mutex<HashMap<String, Arc<Job>>>,
 }
 
-/// A job's key: the same layer kept or not are different jobs (the client
-/// that keeps it records the blob).
+/// A job's key: the layer, of this image (its manifest, or reference), kept
+/// or not (the client that keeps it records the blob).
 fn key(req: &LayerRequest) -> String {
-    format!("{}|{}", req.layer, req.keep_blob)
+    let image = match &req.manifest {
+        Some(m) => m.to_string(),
+        None => req.image.to_string(),
+    };
+    format!("{}|{image}|{}", req.layer, req.keep_blob)
 }
 
+/// A job to run: its id and directory.
+pub(crate) type Reserve<'r> = &'r dyn Fn() -> Result<(ReservedId, PathBuf), crate::Error>;
+
 impl Ahead {
-    /// Whether a job for this layer is waiting to be taken.
-    pub fn has(&self, req: &LayerRequest) -> bool {
-        self.lock().contains_key(&key(req))
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Job>>> {
+        self.jobs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Starts a job that unpacks `req` into `<dir>/fs` (`dir` is the
-    /// reserved id's directory, not yet made) on a blocking thread once the
-    /// unpacker gives it a slot; [`Ahead::claim`] takes it. Must be called
-    /// within a tokio runtime.
+    /// Starts a job for `req` unless one is there (claimed or not); `reserve`
+    /// gives its id and directory. Whether one was started.
     pub fn start(
         &self,
-        unpacker: Arc<Unpacker>,
-        req: LayerRequest,
-        id: ReservedId,
-        dir: PathBuf,
+        unpacker: &Arc<Unpacker>,
+        req: &LayerRequest,
         userxattr: bool,
-    ) -> Result<(), crate::Error> {
-        let k = key(&req);
-        let job = spawn(unpacker, req, id, dir, userxattr)?;
-        self.lock().insert(k, job);
-        Ok(())
+        reserve: Reserve<'_>,
+    ) -> Result<bool, crate::Error> {
+        let mut jobs = self.lock();
+        let k = key(req);
+        if jobs.contains_key(&k) {
+            return Ok(false);
+        }
+        let (id, dir) = reserve()?;
+        let job = spawn(unpacker.clone(), req.clone(), id, dir, userxattr)?;
+        jobs.insert(k, job);
+        Ok(true)
     }
 
-    /// The job for `req`: the one started ahead, or else one started now
-    /// with the id and directory `reserve` gives. Nobody else can take it.
+    /// Claims the job for `req`: the one started ahead, or one started now.
+    /// (A second Prepare of a layer whose job is claimed gets a job of its
+    /// own; the first to record the layer wins.)
     pub fn claim(
         &self,
         unpacker: &Arc<Unpacker>,
         req: &LayerRequest,
         userxattr: bool,
-        reserve: impl FnOnce() -> Result<(ReservedId, PathBuf), crate::Error>,
-    ) -> Result<Claim, crate::Error> {
-        if let Some(job) = self.lock().remove(&key(req)) {
-            return Ok(Claim(job));
+        reserve: Reserve<'_>,
+    ) -> Result<Claim<'_>, crate::Error> {
+        let mut jobs = self.lock();
+        let k = key(req);
+        if let Some(job) = jobs.get(&k) {
+            if !job.claimed.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                return Ok(Claim {
+                    ahead: self,
+                    key: k,
+                    job: job.clone(),
+                });
+            }
         }
         let (id, dir) = reserve()?;
-        Ok(Claim(spawn(
-            unpacker.clone(),
-            req.clone(),
-            id,
-            dir,
-            userxattr,
-        )?))
+        let job = spawn(unpacker.clone(), req.clone(), id, dir, userxattr)?;
+        job.claimed.store(true, std::sync::atomic::Ordering::SeqCst);
+        jobs.entry(k.clone()).or_insert_with(|| job.clone());
+        Ok(Claim {
+            ahead: self,
+            key: k,
+            job,
+        })
     }
 
-    /// Drops the finished jobs that waited longer than `ttl` (their
+    /// Drops the unclaimed jobs that finished more than `ttl` ago (their
     /// directories are removed as they drop).
     pub fn expire(&self, ttl: Duration) -> usize {
         let expired: Vec<Arc<Job>> = {
@@ -164,11 +250,8 @@ impl Ahead {
             let old: Vec<String> = jobs
                 .iter()
                 .filter(|(_, j)| {
-                    j.done
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .as_ref()
-                        .is_some_and(|(_, at)| at.elapsed() > ttl)
+                    !j.claimed.load(std::sync::atomic::Ordering::SeqCst)
+                        && j.lock().as_ref().is_some_and(|(_, at)| at.elapsed() > ttl)
                 })
                 .map(|(k, _)| k.clone())
                 .collect();
@@ -183,12 +266,10 @@ impl Ahead {
         }
         n
     }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Job>>> {
-        self.jobs.lock().unwrap_or_else(|p| p.into_inner())
-    }
 }
 
+/// Runs the job on a thread of its own once the unpacker gives it a slot.
+/// Must be called within a tokio runtime.
 fn spawn(
     unpacker: Arc<Unpacker>,
     req: LayerRequest,
@@ -198,28 +279,36 @@ fn spawn(
 ) -> Result<Arc<Job>, crate::Error> {
     let rt = tokio::runtime::Handle::try_current()
         .map_err(|e| crate::Error::Internal(format!("no runtime for an unpack job: {e}")))?;
-    let job = Arc::new(Job {
-        done: Mutex::new(None),
-        cv: Condvar::new(),
-    });
+    let job = Job::new();
+    let guard = FinishOnDrop(Some(job.clone()));
     let slots = unpacker.slots();
-    let j = job.clone();
-    rt.spawn(async move {
-        let layer = req.layer.to_string();
+    rt.clone().spawn(async move {
+        let guard = guard;
         let outcome = match slots.acquire_owned().await {
             Err(e) => Outcome::Failed(crate::Error::Internal(format!("unpack slots: {e}"))),
-            Ok(_slot) => {
-                let run =
-                    tokio::task::spawn_blocking(move || stage(&unpacker, &req, id, dir, userxattr));
-                match run.await {
-                    Ok(o) => o,
-                    Err(e) => Outcome::Failed(crate::Error::Internal(format!(
-                        "unpack job of layer {layer}: {e}"
-                    ))),
+            Ok(slot) => {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                let layer = req.layer.to_string();
+                let started = std::thread::Builder::new()
+                    .name("strata-unpack".into())
+                    .spawn(move || {
+                        // The unpacker's blocking calls need the runtime.
+                        let _rt = rt.enter();
+                        let o = stage(&unpacker, &req, id, dir, userxattr);
+                        drop(slot);
+                        let _ = tx.send(o);
+                    });
+                match started {
+                    Err(e) => Outcome::Failed(crate::Error::io("spawn an unpack thread", e)),
+                    Ok(_) => rx.await.unwrap_or_else(|_| {
+                        Outcome::Failed(crate::Error::Internal(format!(
+                            "the unpack job of layer {layer} ended without a result"
+                        )))
+                    }),
                 }
             }
         };
-        j.finish(outcome);
+        guard.finish(outcome);
     });
     Ok(job)
 }
@@ -248,11 +337,11 @@ fn stage(
         return Outcome::Failed(crate::Error::io(format!("create {}", dir.display()), e));
     }
     match unpacker.unpack(req, &dir.join("fs"), Vec::new(), userxattr) {
-        Ok(unpacked) => Outcome::Staged(Staged {
+        Ok(unpacked) => Outcome::Staged(Box::new(Staged {
             id: Some(id),
             dir,
             unpacked,
-        }),
+        })),
         Err(e) => {
             // The directory goes before the id is released.
             let _ = std::fs::remove_dir_all(&dir);

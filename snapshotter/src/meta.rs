@@ -263,7 +263,15 @@ impl MetaStore {
                 p.key.as_bytes(),
             );
         }
-        self.db.write_opt(b, &self.sync)?;
+        if let Err(e) = self.db.write_opt(b, &self.sync) {
+            // A failed synced write may still reach the WAL and be replayed
+            // at the next start: its directory must outlive this run, so
+            // its id stays in flight (Cleanup spares it) until then.
+            let id = p.record.id;
+            drop(p);
+            self.inflight_lock().insert(id);
+            return Err(e.into());
+        }
         Ok(p.record.clone())
     }
 
@@ -360,7 +368,13 @@ impl MetaStore {
                 name.as_bytes(),
             );
         }
-        self.db.write_opt(b, &self.sync)?;
+        if let Err(e) = self.db.write_opt(b, &self.sync) {
+            // As in finish_create: the directory must outlive this run.
+            let i = id.id;
+            drop(id);
+            self.inflight_lock().insert(i);
+            return Err(e.into());
+        }
         drop(id);
         Ok(rec)
     }

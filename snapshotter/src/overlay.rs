@@ -493,11 +493,12 @@ impl Inner {
         // This layer's job first (it takes the next free slot), then the
         // layers above it, so that they unpack while containerd works down
         // its list one Prepare at a time.
-        let claim = self.ahead.claim(unpacker, req, userxattr, || {
+        let reserve = || {
             let id = self.meta.reserve_id()?;
             let dir = self.dir(id.id());
             Ok((id, dir))
-        })?;
+        };
+        let claim = self.ahead.claim(unpacker, req, userxattr, &reserve)?;
         self.start_ahead(unpacker, req, userxattr);
         let mut staged = match claim.wait() {
             Outcome::Staged(s) => s,
@@ -546,7 +547,9 @@ impl Inner {
         })();
         // On error `staged` drops, and its directory with it.
         let (sync_time, usage) = finished?;
-        let u = staged.unpacked.clone();
+        // Its blob is kept now that a Prepare took the layer.
+        staged.unpacked.commit_kept(&req.layer);
+        let u = &staged.unpacked;
         let r = &u.report;
         tracing::info!(
             layer = %req.layer,
@@ -618,25 +621,24 @@ impl Inner {
         let Some(pos) = plan.iter().position(|l| l.digest == req.layer) else {
             return;
         };
-        for l in &plan[pos + 1..] {
+        // As many layers above as the unpacker runs at once: enough to keep
+        // it busy, few enough that another image's Prepare does not queue
+        // behind a long guess.
+        for l in plan.iter().skip(pos + 1).take(unpacker.layers_at_once()) {
             let next = LayerRequest {
                 target: l.chain_id.clone(),
                 layer: l.digest.clone(),
                 ..req.clone()
             };
-            if self.ahead.has(&next) {
-                continue;
-            }
-            let started = (|| {
-                if self.meta.has_layer(&l.chain_id)? {
-                    return Ok(false);
-                }
-                let id = self.meta.reserve_id()?;
-                let dir = self.dir(id.id());
-                self.ahead
-                    .start(unpacker.clone(), next, id, dir, userxattr)?;
-                Ok::<_, Error>(true)
-            })();
+            let started = match self.meta.has_layer(&l.chain_id) {
+                Ok(true) => Ok(false),
+                Ok(false) => self.ahead.start(unpacker, &next, userxattr, &|| {
+                    let id = self.meta.reserve_id()?;
+                    let dir = self.dir(id.id());
+                    Ok((id, dir))
+                }),
+                Err(e) => Err(e),
+            };
             match started {
                 Ok(true) => {
                     tracing::debug!(layer = %l.digest, "unpacking ahead of its Prepare")

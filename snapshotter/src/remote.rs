@@ -204,6 +204,7 @@ pub struct Unpacker {
     layers: Mutex<HashMap<String, Arc<Vec<LayerInfo>>>>,
     /// Layers fetched and unpacked at once, across every image.
     slots: Arc<tokio::sync::Semaphore>,
+    layers_at_once: usize,
     /// Where the compressed blob is kept as it streams by (`keep_blobs`).
     blobs: Option<Arc<dyn BlobSink>>,
 }
@@ -251,15 +252,44 @@ impl<R: std::io::Read> std::io::Read for Tee<R> {
 }
 
 /// What an unpack did, for the log and the bench.
-#[derive(Debug, Clone)]
 pub struct Unpacked {
     /// The extraction's report (digests, counts, time split).
     pub report: strata_unpack::Report,
+    /// The verified blob, written but not committed: a layer unpacked
+    /// ahead of its Prepare keeps its blob only if a Prepare takes it
+    /// (dropped, the writer aborts its ingest).
+    keep: Option<Box<dyn BlobWrite>>,
     /// Whether the blob was kept: the committed snapshot then carries
     /// [`KEPT_BLOB_LABEL`], so that the client knows to record it.
     pub keeping: bool,
     /// How long committing the kept blob took.
     pub keep_time: Option<std::time::Duration>,
+}
+
+impl Unpacked {
+    /// Commits the kept blob into the content store (if it was being kept):
+    /// before the Prepare that takes the layer answers, so the client can
+    /// record it. A failure only logs: keeping is best effort.
+    pub fn commit_kept(&mut self, layer: &Digest) {
+        let Some(keep) = self.keep.take() else {
+            return;
+        };
+        // Before the Prepare returns. Measured in `strata bench pull` on 2
+        // cores: committing in the background made the whole pull slower
+        // (the next layer's unpack and its syncfs competed with the
+        // commit's hashing and pack writes).
+        let labels = [(UNCOMPRESSED_LABEL.to_string(), self.report.diff_id.clone())].into();
+        let t = std::time::Instant::now();
+        match keep.commit(labels) {
+            Ok(()) => {
+                self.keeping = true;
+                self.keep_time = Some(t.elapsed());
+            }
+            Err(e) => {
+                tracing::warn!(layer = %layer, error = %e, "keeping the layer's blob failed")
+            }
+        }
+    }
 }
 
 impl Unpacker {
@@ -274,6 +304,7 @@ impl Unpacker {
     ) -> Result<Unpacker, strata_registry::Error> {
         Ok(Unpacker {
             slots: Arc::new(tokio::sync::Semaphore::new(layers_at_once.max(1))),
+            layers_at_once: layers_at_once.max(1),
             client: Client::new(cfg)?,
             parallel: ParallelOptions::new(
                 ParallelOptions::default().range_size,
@@ -287,6 +318,11 @@ impl Unpacker {
     /// The slots that bound how many layers are unpacked at once (FIFO).
     pub(crate) fn slots(&self) -> Arc<tokio::sync::Semaphore> {
         self.slots.clone()
+    }
+
+    /// How many layers are unpacked at once.
+    pub fn layers_at_once(&self) -> usize {
+        self.layers_at_once
     }
 
     /// The layers of the request's image, bottom first, with their chain
@@ -490,34 +526,20 @@ impl Unpacker {
             }
         })?;
         // `apply` read the blob to its end and checked both digests
-        // (`expected_digest`, `expected_diff_id`): keep it. (The store checks
-        // the kept bytes against the digest once more at its commit.)
-        let mut keeping = false;
-        let mut keep_time = None;
-        match rx.try_recv() {
-            Ok(Some(keep)) => {
-                // Before the Prepare returns. Measured in `strata bench
-                // pull` on 2 cores: committing in the background made the
-                // whole pull slower (the next layer's unpack and its syncfs
-                // competed with the commit's hashing and pack writes).
-                let labels = [(UNCOMPRESSED_LABEL.to_string(), report.diff_id.clone())].into();
-                let t = std::time::Instant::now();
-                match keep.commit(labels) {
-                    Ok(()) => {
-                        keeping = true;
-                        keep_time = Some(t.elapsed());
-                    }
-                    Err(e) => {
-                        tracing::warn!(layer = %req.layer, error = %e, "keeping the layer's blob failed")
-                    }
-                }
+        // (`expected_digest`, `expected_diff_id`): the blob may be kept, once
+        // a Prepare takes the layer ([`Unpacked::commit_kept`]).
+        let keep = match rx.try_recv() {
+            Ok(Some(keep)) => Some(keep),
+            _ => {
+                tracing::debug!(layer = %req.layer, "layer blob not kept");
+                None
             }
-            _ => tracing::debug!(layer = %req.layer, "layer blob not kept"),
-        }
+        };
         Ok(Unpacked {
             report,
-            keeping,
-            keep_time,
+            keep,
+            keeping: false,
+            keep_time: None,
         })
     }
 }

@@ -203,9 +203,15 @@ pub struct Report {
 /// each of `implicit` (its [`Report::implicit_dirs`]) the owner, mode and
 /// xattrs of the same directory in the first of `lower_dirs` (uppermost
 /// first) that has it, as [`apply`] does for a missing parent when it has
-/// the lowers. Its times are not copied: adding its children changed them
-/// in either case. A path that is no longer a directory is skipped.
-/// Returns how many were changed.
+/// the lowers; one that no lower has, made under such a setgid directory,
+/// takes its group. A path that is no longer a directory is
+/// skipped. Returns how many were changed.
+///
+/// Not the same as applying with the lowers in three narrow cases: times
+/// are not copied (adding children changed the mtime in either case; the
+/// atime is the unpack's), a default ACL copied now is not inherited by
+/// the children already made, and a directory the archive names only after
+/// its children keeps its own xattrs without the lower's.
 pub fn adopt_parents(dir: &Path, implicit: &[Vec<u8>], lower_dirs: &[PathBuf]) -> Result<usize> {
     if implicit.is_empty() || lower_dirs.is_empty() {
         return Ok(0);
@@ -218,11 +224,34 @@ pub fn adopt_parents(dir: &Path, implicit: &[Vec<u8>], lower_dirs: &[PathBuf]) -
     let opts = ApplyOptions::default();
     let ex = Extractor::new(root, lowers, &opts);
     let mut changed = 0;
-    for path in implicit {
+    // Parents before their children (the paths sort that way), so that a
+    // directory made under an adopted setgid one takes its group, as mkdir
+    // would have given it had the parent been adopted first.
+    let mut sorted: Vec<&Vec<u8>> = implicit.iter().collect();
+    sorted.sort();
+    for path in sorted {
         let Some(fd) = ex.open_dir_beneath(path)? else {
             continue;
         };
         if ex.copy_from_lower(&fd, path, path, false)? {
+            changed += 1;
+            continue;
+        }
+        let parent = match path.iter().rposition(|&b| b == b'/') {
+            Some(i) => ex.open_dir_beneath(&path[..i])?,
+            None => Some(open_dir(dir)?),
+        };
+        let Some(parent) = parent else { continue };
+        let ps = rustix::fs::fstat(&parent).map_err(|e| {
+            Error::io(
+                format!("stat of the parent of {}", String::from_utf8_lossy(path)),
+                e,
+            )
+        })?;
+        if ps.st_mode & 0o2000 != 0 {
+            // (apply sets the mode to 0755 afterwards: no setgid bit.)
+            rustix::fs::fchown(&fd, None, Some(rustix::fs::Gid::from_raw(ps.st_gid)))
+                .map_err(|e| Error::io(format!("chown of {}", String::from_utf8_lossy(path)), e))?;
             changed += 1;
         }
     }

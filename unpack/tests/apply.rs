@@ -528,6 +528,39 @@ fn parents_adopted_later_match_an_apply_with_its_lowers() {
 }
 
 #[test]
+fn parents_made_under_an_adopted_setgid_parent_take_its_group() {
+    // mkdir in a setgid directory inherits its group and setgid bit: when
+    // the parent is adopted afterwards, its new children get them too.
+    let lower = tempfile::tempdir().unwrap();
+    let srv = lower.path().join("srv");
+    std::fs::create_dir(&srv).unwrap();
+    std::os::unix::fs::chown(&srv, Some(0), Some(50)).unwrap();
+    std::fs::set_permissions(&srv, std::os::unix::fs::PermissionsExt::from_mode(0o2775)).unwrap();
+    let mut ar = Ar::new();
+    ar.file("srv/app/f", b"f", 0o644, 0, 0, T1);
+    let tar = ar.finish();
+    let with = Sandbox::new();
+    let opts = ApplyOptions {
+        lower_dirs: vec![lower.path().to_path_buf()],
+        ..Default::default()
+    };
+    apply(&tar[..], &with.layer, &opts).unwrap();
+    let later = Sandbox::new();
+    let r = apply(&tar[..], &later.layer, &ApplyOptions::default()).unwrap();
+    strata_unpack::adopt_parents(
+        &later.layer,
+        &r.implicit_dirs,
+        &[lower.path().to_path_buf()],
+    )
+    .unwrap();
+    for p in ["srv", "srv/app"] {
+        let (a, b) = (stat(&with.layer.join(p)), stat(&later.layer.join(p)));
+        assert_eq!((a.mode(), a.gid()), (b.mode(), b.gid()), "{p}");
+    }
+    assert_eq!(stat(&later.layer.join("srv/app")).gid(), 50);
+}
+
+#[test]
 fn empty_and_end_only_blobs() {
     for blob in [Vec::new(), end_of_archive(), gzip(&end_of_archive())] {
         let sb = Sandbox::new();
