@@ -659,6 +659,12 @@ impl Toc {
     fn set_meta(&mut self, idx: usize, e: &EntryJson, path: &str) -> Result<()> {
         let mut xattrs = BTreeMap::new();
         for (k, v) in &e.xattrs {
+            // As containerd's unpack: a layer may not set trusted.* (an
+            // overlayfs redirect or opaque of its own making).
+            if k.starts_with("trusted.") {
+                tracing::debug!(entry = path, xattr = %k, "trusted.* xattr in a layer ignored");
+                continue;
+            }
             let v = base64::engine::general_purpose::STANDARD
                 .decode(v)
                 .map_err(|err| toc_err(format!("entry {path:?}: xattr {k}: {err}")))?;

@@ -1,0 +1,337 @@
+//! Verified chunks of a lazy layer: from the on-disk cache, or fetched by
+//! range request, checked against their `chunkDigest`, and cached.
+//!
+//! The cache ([`ChunkCache`]) is content-addressed by chunk digest, so a
+//! chunk that two layers or two images share is fetched and stored once. It
+//! holds only verified bytes (written to a temporary name, then renamed),
+//! re-checks every chunk it reads back, and evicts the least recently used
+//! chunks past its size limit.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use sha2::{Digest as _, Sha256};
+
+use crate::estargz::{Chunk, Toc};
+
+/// Reads byte ranges of one layer blob (HTTP range requests, in strata).
+pub trait RangeReader: Send + Sync {
+    /// `len` bytes from `offset`.
+    fn read_range(&self, offset: u64, len: u64) -> std::io::Result<Vec<u8>>;
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+struct CacheState {
+    /// digest → (size, last use).
+    entries: HashMap<[u8; 32], (u64, u64)>,
+    /// last use → digest.
+    lru: BTreeMap<u64, [u8; 32]>,
+    total: u64,
+    tick: u64,
+}
+
+/// Verified chunks on disk, by digest, at most `limit` bytes.
+pub struct ChunkCache {
+    dir: PathBuf,
+    limit: u64,
+    state: Mutex<CacheState>,
+}
+
+impl ChunkCache {
+    /// Opens (creates) the cache in `dir`, keeping what an earlier run
+    /// left there (temporary files of an interrupted write are removed).
+    pub fn open(dir: &Path, limit: u64) -> std::io::Result<ChunkCache> {
+        std::fs::create_dir_all(dir)?;
+        let mut st = CacheState {
+            entries: HashMap::new(),
+            lru: BTreeMap::new(),
+            total: 0,
+            tick: 0,
+        };
+        for e in std::fs::read_dir(dir)? {
+            let e = e?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(d) = parse_hex32(&name) else {
+                let _ = std::fs::remove_file(e.path());
+                continue;
+            };
+            let size = e.metadata()?.len();
+            st.tick += 1;
+            st.entries.insert(d, (size, st.tick));
+            st.lru.insert(st.tick, d);
+            st.total += size;
+        }
+        let c = ChunkCache {
+            dir: dir.to_path_buf(),
+            limit,
+            state: Mutex::new(st),
+        };
+        c.evict();
+        Ok(c)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, CacheState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn path(&self, d: &[u8; 32]) -> PathBuf {
+        self.dir.join(hex(d))
+    }
+
+    /// The chunk's bytes if cached and still intact.
+    pub fn get(&self, d: &[u8; 32]) -> Option<Vec<u8>> {
+        {
+            let mut st = self.lock();
+            let (_, used) = st.entries.get(d).copied()?;
+            st.tick += 1;
+            let tick = st.tick;
+            st.lru.remove(&used);
+            st.lru.insert(tick, *d);
+            if let Some(e) = st.entries.get_mut(d) {
+                e.1 = tick;
+            }
+        }
+        match std::fs::read(self.path(d)) {
+            Ok(b) if Sha256::digest(&b).as_slice() == d => Some(b),
+            Ok(_) => {
+                tracing::warn!(chunk = %hex(d), "cached chunk damaged: dropped, fetching again");
+                self.forget(d);
+                None
+            }
+            Err(_) => {
+                self.forget(d);
+                None
+            }
+        }
+    }
+
+    /// Keeps verified bytes.
+    pub fn put(&self, d: &[u8; 32], data: &[u8]) {
+        if self.lock().entries.contains_key(d) {
+            return;
+        }
+        let path = self.path(d);
+        let tmp = self
+            .dir
+            .join(format!(".tmp-{}-{}", hex(d), std::process::id()));
+        let written = (|| {
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(data)?;
+            std::fs::rename(&tmp, &path)
+        })();
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            tracing::warn!(error = %e, "not caching a chunk");
+            return;
+        }
+        {
+            let mut st = self.lock();
+            st.tick += 1;
+            let tick = st.tick;
+            if st.entries.insert(*d, (data.len() as u64, tick)).is_none() {
+                st.total += data.len() as u64;
+            }
+            st.lru.insert(tick, *d);
+        }
+        self.evict();
+    }
+
+    fn forget(&self, d: &[u8; 32]) {
+        let mut st = self.lock();
+        if let Some((size, used)) = st.entries.remove(d) {
+            st.lru.remove(&used);
+            st.total -= size;
+        }
+        drop(st);
+        let _ = std::fs::remove_file(self.path(d));
+    }
+
+    fn evict(&self) {
+        loop {
+            let victim = {
+                let mut st = self.lock();
+                if st.total <= self.limit {
+                    return;
+                }
+                let Some((&used, &d)) = st.lru.iter().next() else {
+                    return;
+                };
+                st.lru.remove(&used);
+                if let Some((size, _)) = st.entries.remove(&d) {
+                    st.total -= size;
+                }
+                d
+            };
+            let _ = std::fs::remove_file(self.path(&victim));
+        }
+    }
+
+    /// Bytes held.
+    pub fn size(&self) -> u64 {
+        self.lock().total
+    }
+}
+
+fn parse_hex32(s: &str) -> Option<[u8; 32]> {
+    if s.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// Why a chunk could not be served.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    /// The registry did not give it.
+    #[error("fetching {path:?} at {offset}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// Offset in the file.
+        offset: u64,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Its bytes were not what the TOC says, twice.
+    #[error(transparent)]
+    Corrupt(#[from] crate::estargz::Error),
+}
+
+/// One lazy layer: its TOC, where its bytes come from, and the cache.
+pub struct Layer {
+    toc: Arc<Toc>,
+    reader: Arc<dyn RangeReader>,
+    cache: Arc<ChunkCache>,
+    fetched: AtomicU64,
+}
+
+impl Layer {
+    /// A layer over `toc`, reading its blob through `reader`.
+    pub fn new(toc: Arc<Toc>, reader: Arc<dyn RangeReader>, cache: Arc<ChunkCache>) -> Layer {
+        Layer {
+            toc,
+            reader,
+            cache,
+            fetched: AtomicU64::new(0),
+        }
+    }
+
+    /// The TOC.
+    pub fn toc(&self) -> &Toc {
+        &self.toc
+    }
+
+    /// Compressed bytes fetched from the registry so far.
+    pub fn fetched_bytes(&self) -> u64 {
+        self.fetched.load(Ordering::Relaxed)
+    }
+
+    /// The verified bytes of chunk `i` of node `node`.
+    pub fn chunk(&self, node: usize, i: usize) -> Result<Vec<u8>, FetchError> {
+        let c = &self.toc.nodes[node].chunks[i];
+        if let Some(b) = self.cache.get(&c.digest) {
+            return Ok(b);
+        }
+        let path = self.toc.path(node);
+        let mut tries = 0;
+        loop {
+            let gz = self.fetch(&path, c)?;
+            match self.toc.decode_chunk(&path, c, &gz) {
+                Ok(data) => {
+                    self.cache.put(&c.digest, &data);
+                    return Ok(data);
+                }
+                Err(e) if tries == 0 => {
+                    tracing::warn!(error = %e, "chunk failed its check: fetching it once more");
+                    tries += 1;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "chunk failed its check twice: EIO");
+                    return Err(e.into());
+                }
+            }
+        }
+    }
+
+    fn fetch(&self, path: &str, c: &Chunk) -> Result<Vec<u8>, FetchError> {
+        let len = c.blob_end - c.blob_offset;
+        let b = self
+            .reader
+            .read_range(c.blob_offset, len)
+            .map_err(|source| FetchError::Io {
+                path: path.to_string(),
+                offset: c.file_offset,
+                source,
+            })?;
+        self.fetched.fetch_add(b.len() as u64, Ordering::Relaxed);
+        Ok(b)
+    }
+
+    /// Fetches every chunk whose data starts before `end` in the blob (the
+    /// prefetch landmark), neighbouring chunks in one range request of at
+    /// most `max_request` bytes, and caches them. Returns how many chunks
+    /// were fetched.
+    pub fn prefetch(&self, end: u64, max_request: u64) -> Result<usize, FetchError> {
+        let mut wanted: Vec<(usize, usize)> = Vec::new();
+        for (n, node) in self.toc.nodes.iter().enumerate() {
+            for (i, c) in node.chunks.iter().enumerate() {
+                if c.blob_offset < end && !self.cache.lock().entries.contains_key(&c.digest) {
+                    wanted.push((n, i));
+                }
+            }
+        }
+        wanted.sort_by_key(|&(n, i)| self.toc.nodes[n].chunks[i].blob_offset);
+        wanted.dedup_by_key(|&mut (n, i)| self.toc.nodes[n].chunks[i].blob_offset);
+        let mut fetched = 0;
+        let mut at = 0;
+        while at < wanted.len() {
+            // A run of chunks whose ranges touch, up to max_request.
+            let first = &self.toc.nodes[wanted[at].0].chunks[wanted[at].1];
+            let (start, mut end_off) = (first.blob_offset, first.blob_end);
+            let mut stop = at + 1;
+            while stop < wanted.len() {
+                let c = &self.toc.nodes[wanted[stop].0].chunks[wanted[stop].1];
+                if c.blob_offset != end_off || c.blob_end - start > max_request {
+                    break;
+                }
+                end_off = c.blob_end;
+                stop += 1;
+            }
+            let path = self.toc.path(wanted[at].0);
+            let bytes = self
+                .reader
+                .read_range(start, end_off - start)
+                .map_err(|source| FetchError::Io {
+                    path: path.clone(),
+                    offset: first.file_offset,
+                    source,
+                })?;
+            self.fetched
+                .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+            for &(n, i) in &wanted[at..stop] {
+                let c = &self.toc.nodes[n].chunks[i];
+                let lo = (c.blob_offset - start) as usize;
+                let hi = (c.blob_end - start) as usize;
+                let p = self.toc.path(n);
+                match bytes.get(lo..hi).map(|gz| self.toc.decode_chunk(&p, c, gz)) {
+                    Some(Ok(data)) => self.cache.put(&c.digest, &data),
+                    // Fetched alone (and checked) when it is read.
+                    _ => tracing::warn!(path = %p, "prefetched chunk failed its check: skipped"),
+                }
+                fetched += 1;
+            }
+            at = stop;
+        }
+        Ok(fetched)
+    }
+}
