@@ -15,9 +15,13 @@ mod common;
 use std::collections::BTreeMap;
 use std::io::Read;
 
+use std::sync::Arc;
+
 use anyhow::{bail, ensure, Context, Result};
 use strata::harness::{image, Containerd, ContainerdSetup, Registry};
 use strata_lazy::estargz::{Error as FormatError, Footer, Kind, Toc, TOC_DIGEST_ANNOTATION};
+use strata_lazy::fetch::{ChunkCache, Layer, RangeReader};
+use strata_lazy::fs::{lower_dir, mount, LayerFs};
 use strata_registry::{Client, ClientConfig, Platform, Reference};
 
 /// Regular files of an ordinary layer blob (tar+gzip), by clean path.
@@ -57,7 +61,7 @@ fn estargz_from_ctr_remote_reads_back_by_ranges_verified() -> Result<()> {
         image::Entry::File("big/noise".into(), image::noise(7, 300_000), 0o644),
         image::Entry::File("big/empty".into(), Vec::new(), 0o600),
     ]);
-    img.write_layout(&dir.join("oci"), "v1")?;
+    let written = img.write_layout(&dir.join("oci"), "v1")?;
     let reference = registry.push(&dir.join("oci"), "v1", "strata/rich:v1")?;
     let esgz = reference.replace(":v1", ":esgz");
 
@@ -77,7 +81,6 @@ fn estargz_from_ctr_remote_reads_back_by_ranges_verified() -> Result<()> {
         ],
     )?;
     cd.ctr(&["image", "push", "--plain-http", &esgz])?;
-    cd.stop()?;
 
     let rt = tokio::runtime::Runtime::new()?;
     let mut cfg = ClientConfig::default();
@@ -89,6 +92,9 @@ fn estargz_from_ctr_remote_reads_back_by_ranges_verified() -> Result<()> {
     ensure!(layers.len() == 4, "4 layers: {layers:?}");
 
     let (mut files, mut chunks, mut multi) = (0, 0, 0);
+    let cache = Arc::new(ChunkCache::open(&dir.join("cache"), 1 << 30)?);
+    let mut tocs = Vec::new();
+    let mut ranges: Vec<Arc<RegistryRange>> = Vec::new();
     for l in &layers {
         let toc_digest = l
             .annotations()
@@ -104,6 +110,13 @@ fn estargz_from_ctr_remote_reads_back_by_ranges_verified() -> Result<()> {
         let toc_gz = rt.block_on(client.fetch_range(&r, l.digest(), footer.toc_offset, toc_len))?;
         let toc = Toc::parse(&toc_gz, footer, Some(&toc_digest))?;
         ensure!(toc.digest == toc_digest);
+        tocs.push(toc.clone());
+        ranges.push(Arc::new(RegistryRange {
+            rt: rt.handle().clone(),
+            client: client.clone(),
+            reference: r.clone(),
+            digest: l.digest().clone(),
+        }));
 
         // A TOC that is not the manifest's is refused.
         let wrong = format!("sha256:{}", "0".repeat(64));
@@ -166,5 +179,87 @@ fn estargz_from_ctr_remote_reads_back_by_ranges_verified() -> Result<()> {
         "eStargz: 4 layers, {files} files, {chunks} chunks ({multi} files in several) read by range and verified"
     );
     ensure!(multi >= 1, "the big file should span several chunks");
+
+    // Each layer mounted through FUSE, stacked under overlayfs as a
+    // snapshot's lower layers: the tree equals containerd's own unpack of
+    // the unconverted image, and reading every file fetched each chunk once.
+    let cache_only_before = cache.size();
+    let mut mounts = Vec::new();
+    let mut lowers: Vec<std::path::PathBuf> = Vec::new();
+    let mut lazy_layers = Vec::new();
+    for (i, l) in tocs.iter().enumerate() {
+        let mp = dir.join(format!("lazy-{i}"));
+        std::fs::create_dir_all(&mp)?;
+        // Parents this layer does not name take the lower layers'
+        // attributes, as containerd's unpack gives them.
+        let mut toc = l.clone();
+        let below: Vec<std::path::PathBuf> = lowers.iter().rev().cloned().collect();
+        toc.adopt_parents(|p| lower_dir(&below, p));
+        let layer = Arc::new(Layer::new(Arc::new(toc), ranges[i].clone(), cache.clone()));
+        lazy_layers.push(layer.clone());
+        mounts.push(mount(LayerFs::new(layer, false), &mp, "strata-lazy-test")?);
+        lowers.push(mp);
+    }
+    let merged = dir.join("merged");
+    std::fs::create_dir_all(&merged)?;
+    lowers.reverse();
+    let lowerdir = lowers
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(":");
+    let st = std::process::Command::new("mount")
+        .args(["-t", "overlay", "overlay", "-o"])
+        .arg(format!("ro,lowerdir={lowerdir}"))
+        .arg(&merged)
+        .status()?;
+    ensure!(st.success(), "overlay mount of the lazy layers failed");
+    let ours = common::tree(&merged);
+    let _ = std::process::Command::new("umount").arg(&merged).status();
+    let ours = ours?;
+    let top = strata::pull::chain_ids(&written.diff_ids)
+        .last()
+        .cloned()
+        .unwrap_or_default();
+    let theirs = common::view_tree(&mut cd, "overlayfs", &top, dir)?;
+    cd.stop()?;
+    let diff = common::tree_diff(&ours, &theirs);
+    ensure!(
+        diff.is_empty(),
+        "the lazy tree differs from containerd's overlayfs ({} entries vs {}):\n{}",
+        ours.len(),
+        theirs.len(),
+        diff.join("\n")
+    );
+    let fetched: u64 = lazy_layers.iter().map(|l| l.fetched_bytes()).sum();
+    eprintln!(
+        "lazy FUSE layers under overlayfs: {} entries equal containerd's; {fetched} bytes fetched by the mounts, cache {} -> {} bytes",
+        ours.len(),
+        cache_only_before,
+        cache.size()
+    );
+    for m in mounts {
+        m.unmount()?;
+    }
     Ok(())
+}
+
+/// Range reads of one blob through strata's registry client.
+struct RegistryRange {
+    rt: tokio::runtime::Handle,
+    client: Client,
+    reference: Reference,
+    digest: strata_registry::Digest,
+}
+
+impl RangeReader for RegistryRange {
+    fn read_range(&self, offset: u64, len: u64) -> std::io::Result<Vec<u8>> {
+        self.rt
+            .block_on(
+                self.client
+                    .fetch_range(&self.reference, &self.digest, offset, len),
+            )
+            .map(|b| b.to_vec())
+            .map_err(std::io::Error::other)
+    }
 }

@@ -220,6 +220,22 @@ pub struct Node {
     pub chunks: Vec<Chunk>,
     /// Names that refer to it (hard links).
     pub nlink: u32,
+    /// A directory no entry of the layer names (a parent of one that is):
+    /// it takes its attributes from the lower layers ([`Toc::adopt_parents`]).
+    pub implicit: bool,
+}
+
+/// A lower layer's directory, as [`Toc::adopt_parents`] copies it.
+#[derive(Debug, Clone, Default)]
+pub struct DirAttrs {
+    /// Permission bits with setuid, setgid and sticky.
+    pub mode: u32,
+    /// Owner.
+    pub uid: u32,
+    /// Group.
+    pub gid: u32,
+    /// Extended attributes (not `trusted.*`).
+    pub xattrs: BTreeMap<String, Vec<u8>>,
 }
 
 impl Node {
@@ -239,6 +255,7 @@ impl Node {
             children: BTreeMap::new(),
             chunks: Vec::new(),
             nlink: 1,
+            implicit: false,
         }
     }
 }
@@ -671,6 +688,7 @@ impl Toc {
             xattrs.insert(k.clone(), v);
         }
         let n = &mut self.nodes[idx];
+        n.implicit = false;
         // Only permission, setuid, setgid and sticky bits.
         n.mode = u32::try_from(e.mode & 0o7777).unwrap_or(0);
         n.uid = id(e.uid, "uid", path)?;
@@ -731,11 +749,56 @@ impl Toc {
                 None => {
                     let mut n = Node::new(cur, c.to_string(), Kind::Dir);
                     n.nlink = 2;
+                    n.implicit = true;
                     self.insert(cur, n)
                 }
             };
         }
         Ok(cur)
+    }
+
+    /// Gives the directories no entry names ([`Node::implicit`]) the
+    /// attributes of the same directory in the lower layers, as
+    /// containerd's unpack does for a missing parent (`WithParents`):
+    /// `lower(path)` is the first lower layer's directory at `path`, or
+    /// `None` (none has it, or one has something else there). One that no
+    /// lower has, under a setgid directory, takes that directory's group.
+    /// Returns how many changed.
+    pub fn adopt_parents(&mut self, lower: impl Fn(&str) -> Option<DirAttrs>) -> usize {
+        let mut changed = 0;
+        // Parents come before their children in `nodes`.
+        for i in 1..self.nodes.len() {
+            if !self.nodes[i].implicit || self.nodes[i].kind != Kind::Dir {
+                continue;
+            }
+            let path = self.path(i);
+            let parent = self.nodes[i].parent;
+            let (pmode, pgid) = (self.nodes[parent].mode, self.nodes[parent].gid);
+            let n = &mut self.nodes[i];
+            match lower(&path) {
+                Some(a) => {
+                    n.mode = a.mode & 0o7777;
+                    n.uid = a.uid;
+                    n.gid = a.gid;
+                    let opaque = n.xattrs.remove("trusted.overlay.opaque");
+                    n.xattrs = a
+                        .xattrs
+                        .into_iter()
+                        .filter(|(k, _)| !k.starts_with("trusted."))
+                        .collect();
+                    if let Some(o) = opaque {
+                        n.xattrs.insert("trusted.overlay.opaque".into(), o);
+                    }
+                    changed += 1;
+                }
+                None if pmode & 0o2000 != 0 => {
+                    n.gid = pgid;
+                    changed += 1;
+                }
+                None => {}
+            }
+        }
+        changed
     }
 
     /// The node at a clean relative path.

@@ -267,6 +267,45 @@ impl Filesystem for LayerFs {
     }
 }
 
+/// The directory at `path` in the first of `lowers` (uppermost first) that
+/// has something there: its attributes if it is a directory reached
+/// through directories only (no symlink is followed), else `None`. For
+/// [`crate::estargz::Toc::adopt_parents`].
+pub fn lower_dir(lowers: &[std::path::PathBuf], path: &str) -> Option<crate::estargz::DirAttrs> {
+    use std::os::unix::fs::MetadataExt;
+    'lowers: for l in lowers {
+        let mut at = l.clone();
+        for c in path.split('/').filter(|c| !c.is_empty()) {
+            at.push(c);
+            match std::fs::symlink_metadata(&at) {
+                Ok(m) if m.is_dir() => {}
+                Ok(_) => return None,
+                Err(_) => continue 'lowers,
+            }
+        }
+        let m = std::fs::symlink_metadata(&at).ok()?;
+        let mut xattrs = std::collections::BTreeMap::new();
+        let mut names = vec![0u8; 64 * 1024];
+        if let Ok(n) = rustix::fs::llistxattr(&at, &mut names) {
+            for name in names[..n].split(|&b| b == 0).filter(|b| !b.is_empty()) {
+                let name = String::from_utf8_lossy(name).into_owned();
+                let mut v = vec![0u8; 64 * 1024];
+                if let Ok(len) = rustix::fs::lgetxattr(&at, name.as_str(), &mut v) {
+                    v.truncate(len);
+                    xattrs.insert(name, v);
+                }
+            }
+        }
+        return Some(crate::estargz::DirAttrs {
+            mode: m.mode() & 0o7777,
+            uid: m.uid(),
+            gid: m.gid(),
+            xattrs,
+        });
+    }
+    None
+}
+
 /// `open(2)` access flags.
 mod libc_flags {
     pub const O_WRONLY: i32 = 1;
