@@ -25,6 +25,27 @@ pub struct Config {
     pub content: ContentSettings,
     /// How strata reaches registries (the unpack fast path).
     pub registry: RegistrySettings,
+    /// Lazy layers (snapshotters with `lazy = true`).
+    pub lazy: LazySettings,
+}
+
+/// Lazy layers' settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LazySettings {
+    /// The chunk cache's size limit, MiB (least recently used chunks go).
+    pub cache_mib: u64,
+    /// Fetch a layer's prefetch-landmark files before its Prepare answers.
+    pub prefetch: bool,
+}
+
+impl Default for LazySettings {
+    fn default() -> Self {
+        LazySettings {
+            cache_mib: 10 * 1024,
+            prefetch: true,
+        }
+    }
 }
 
 /// Registry access for the unpack fast path.
@@ -160,6 +181,9 @@ pub struct OverlaySettings {
     /// Fetch and unpack layers itself when Prepare carries remote-snapshot
     /// labels (CRI, containerd 2.1+'s transfer service, `strata pull`).
     pub fast_unpack: bool,
+    /// Mount eStargz layers lazily (FUSE) instead of unpacking them
+    /// (needs `fast_unpack`).
+    pub lazy: bool,
 }
 
 impl Default for OverlaySettings {
@@ -171,6 +195,7 @@ impl Default for OverlaySettings {
             volatile: false,
             mount_options: Vec::new(),
             fast_unpack: true,
+            lazy: false,
         }
     }
 }
@@ -182,6 +207,13 @@ impl Default for Config {
             "strata".to_string(),
             SnapshotterConfig::Overlay(OverlaySettings::default()),
         );
+        snapshotters.insert(
+            "strata-lazy".to_string(),
+            SnapshotterConfig::Overlay(OverlaySettings {
+                lazy: true,
+                ..OverlaySettings::default()
+            }),
+        );
         Config {
             root: PathBuf::from("/var/lib/strata"),
             address: PathBuf::from("/run/strata/strata.sock"),
@@ -190,6 +222,7 @@ impl Default for Config {
             snapshotters,
             content: ContentSettings::default(),
             registry: RegistrySettings::default(),
+            lazy: LazySettings::default(),
         }
     }
 }
@@ -249,7 +282,12 @@ mod tests {
         let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/strata.toml");
         let cfg = Config::load(&example)?;
         assert!(cfg.snapshotters.contains_key("strata"));
+        assert!(matches!(
+            cfg.snapshotters.get("strata-lazy"),
+            Some(SnapshotterConfig::Overlay(o)) if o.lazy
+        ));
         let empty: Config = toml::from_str("")?;
+        assert!(empty.snapshotters.contains_key("strata-lazy"));
         assert_eq!(empty.root, PathBuf::from("/var/lib/strata"));
         assert!(toml::from_str::<Config>("nope = 1").is_err());
         assert!(toml::from_str::<Config>("[snapshotters.x]\ntype = \"zfs\"").is_err());

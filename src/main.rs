@@ -293,9 +293,19 @@ fn main() -> anyhow::Result<()> {
                 .iter()
                 .filter(|l| l.path == strata::pull::LayerPath::Snapshotter)
                 .count();
+            let lazy = report
+                .layers
+                .iter()
+                .filter(|l| l.path == strata::pull::LayerPath::Lazy)
+                .count();
             let blobs = report.layers.iter().filter(|l| l.blob).count();
+            let lazy = if lazy > 0 {
+                format!(", {lazy} mounted lazily")
+            } else {
+                String::new()
+            };
             println!(
-                "{}: {} ({} layers, {fast} unpacked by {}, {blobs} blobs in content) in {:.2} s",
+                "{}: {} ({} layers, {fast} unpacked by {}{lazy}, {blobs} blobs in content) in {:.2} s",
                 report.name,
                 report.target,
                 report.layers.len(),

@@ -34,7 +34,9 @@ use containerd_client::services::v1::{
 };
 use containerd_client::types::Descriptor;
 use sha2::{Digest as _, Sha256};
+use strata_lazy::estargz::TOC_DIGEST_ANNOTATION;
 use strata_registry::{Client, ClientConfig, Credentials, Platform, Reference};
+use strata_snapshotter::lazy::LAZY_LABEL;
 use strata_snapshotter::remote::{
     CRI_IMAGE_LAYERS, CRI_IMAGE_REF, CRI_LAYER_DIGEST, CRI_MANIFEST_DIGEST, KEEP_BLOB_LABEL,
     KEPT_BLOB_LABEL, TARGET_REF, UNPACKED_LABEL,
@@ -72,6 +74,9 @@ pub enum LayerPath {
     Snapshotter,
     /// Downloaded into containerd and applied by containerd's Diff service.
     Containerd,
+    /// Mounted lazily by the snapshotter (eStargz on `strata-lazy`): its
+    /// files are fetched when read.
+    Lazy,
 }
 
 /// One layer's outcome.
@@ -564,20 +569,34 @@ async fn pull_leased(
                     .unwrap_or(0)
             );
             let prepared = snaps
-                .prepare(api.req(PrepareSnapshotRequest {
-                    snapshotter: opts.snapshotter.clone(),
-                    key: key.clone(),
-                    parent: parent.clone(),
-                    labels: HashMap::from([
-                        (TARGET_REF.to_string(), chain.clone()),
-                        (CRI_IMAGE_REF.to_string(), reference.to_string()),
-                        (CRI_LAYER_DIGEST.to_string(), digest.clone()),
-                        (CRI_MANIFEST_DIGEST.to_string(), manifest_digest.clone()),
-                        (CRI_IMAGE_LAYERS.to_string(), all_layers.clone()),
-                        // It is recorded below: keep it.
-                        (KEEP_BLOB_LABEL.to_string(), "true".to_string()),
-                    ]),
-                })?)
+                .prepare(
+                    api.req(PrepareSnapshotRequest {
+                        snapshotter: opts.snapshotter.clone(),
+                        key: key.clone(),
+                        parent: parent.clone(),
+                        labels: HashMap::from([
+                            (TARGET_REF.to_string(), chain.clone()),
+                            (CRI_IMAGE_REF.to_string(), reference.to_string()),
+                            (CRI_LAYER_DIGEST.to_string(), digest.clone()),
+                            (CRI_MANIFEST_DIGEST.to_string(), manifest_digest.clone()),
+                            (CRI_IMAGE_LAYERS.to_string(), all_layers.clone()),
+                            // It is recorded below: keep it.
+                            (KEEP_BLOB_LABEL.to_string(), "true".to_string()),
+                        ])
+                        .into_iter()
+                        // An eStargz layer's TOC digest, for a lazy snapshotter
+                        // (containerd passes layer annotations under
+                        // containerd.io/snapshot/ the same way).
+                        .chain(
+                            layer
+                                .annotations()
+                                .as_ref()
+                                .and_then(|a| a.get(TOC_DIGEST_ANNOTATION))
+                                .map(|d| (TOC_DIGEST_ANNOTATION.to_string(), d.clone())),
+                        )
+                        .collect(),
+                    })?,
+                )
                 .await;
             match prepared {
                 Err(s) if s.code() == Code::AlreadyExists => {
@@ -594,11 +613,18 @@ async fn pull_leased(
                         })?
                         .into_inner()
                         .info;
+                    let lazy = info
+                        .as_ref()
+                        .is_some_and(|i| i.labels.contains_key(LAZY_LABEL));
                     if let Some(i) = &info {
                         kept_pending = i.labels.get(KEPT_BLOB_LABEL) == Some(&digest);
                         unpacked = i.labels.get(UNPACKED_LABEL).cloned();
                     }
-                    LayerPath::Snapshotter
+                    if lazy {
+                        LayerPath::Lazy
+                    } else {
+                        LayerPath::Snapshotter
+                    }
                 }
                 Err(s) => {
                     return Err(anyhow::Error::new(s)
@@ -701,6 +727,7 @@ async fn pull_leased(
                 match outcome.path {
                     LayerPath::Present => "already unpacked",
                     LayerPath::Snapshotter => "unpacked by the snapshotter",
+                    LayerPath::Lazy => "mounted lazily (eStargz)",
                     LayerPath::Containerd => "downloaded and applied by containerd",
                 },
                 if outcome.blob {

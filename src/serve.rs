@@ -250,6 +250,20 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     } else {
         None
     };
+    // One chunk cache for every lazy snapshotter.
+    let lazy_cache = if cfg.snapshotters.values().any(|s| match s {
+        SnapshotterConfig::Overlay(o) => o.lazy && o.fast_unpack,
+    }) {
+        Some(Arc::new(
+            strata_lazy::fetch::ChunkCache::open(
+                &cfg.root.join("lazy-cache"),
+                cfg.lazy.cache_mib.saturating_mul(1 << 20),
+            )
+            .context("opening the lazy chunk cache")?,
+        ))
+    } else {
+        None
+    };
     let mut snapshotters: HashMap<String, Arc<dyn Snapshotter>> = HashMap::new();
     for (name, sc) in &cfg.snapshotters {
         let meta = MetaStore::open(db.clone(), name)
@@ -267,6 +281,16 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                         extra_options: o.mount_options.clone(),
                     },
                     unpacker.clone().filter(|_| o.fast_unpack),
+                    match (&unpacker, &lazy_cache) {
+                        (Some(u), Some(c)) if o.lazy && o.fast_unpack => {
+                            Some(Arc::new(strata_snapshotter::lazy::Lazy::new(
+                                u.clone(),
+                                c.clone(),
+                                cfg.lazy.prefetch,
+                            )))
+                        }
+                        _ => None,
+                    },
                 )
                 .with_context(|| format!("starting snapshotter {name}"))?,
             ),

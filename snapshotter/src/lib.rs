@@ -10,6 +10,7 @@
 mod ahead;
 mod du;
 pub mod error;
+pub mod lazy;
 mod locks;
 pub mod meta;
 pub mod overlay;

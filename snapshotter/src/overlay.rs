@@ -26,6 +26,7 @@ use tokio::sync::mpsc;
 use crate::ahead::{Ahead, Outcome, UNCLAIMED_TTL};
 use crate::du::disk_usage;
 use crate::error::{Error, Result};
+use crate::lazy::{Lazy, LAZY_LABEL};
 use crate::meta::MetaStore;
 use crate::remote::{
     chain_id, LayerRequest, RemoteError, Unpacker, KEPT_BLOB_LABEL, TARGET_REF, UNPACKED_LABEL,
@@ -79,6 +80,8 @@ struct Inner {
     unpacker: Option<Arc<Unpacker>>,
     /// Its layers unpacked ahead of their Prepare.
     ahead: Ahead,
+    /// Lazy eStargz layers (the `strata-lazy` snapshotter).
+    lazy: Option<Arc<Lazy>>,
 }
 
 /// How a Prepare through the fast path did not end in AlreadyExists.
@@ -201,16 +204,21 @@ impl OverlaySnapshotter {
     /// Opens the snapshotter: creates its root, and starts removing any
     /// directory that no record owns (left by a crash) in the background.
     pub fn new(meta: MetaStore, cfg: OverlayConfig) -> Result<Self> {
-        Self::with_unpacker(meta, cfg, None)
+        Self::with_unpacker(meta, cfg, None, None)
     }
 
     /// As [`OverlaySnapshotter::new`], with the unpack fast path: a Prepare
     /// carrying remote-snapshot labels has strata fetch and unpack the layer
     /// itself ([`crate::remote`]).
+    ///
+    /// With `lazy`, an eStargz layer is mounted lazily instead
+    /// ([`crate::lazy`]); the lazy layers recorded before are mounted again
+    /// now (needs a tokio runtime).
     pub fn with_unpacker(
         meta: MetaStore,
         cfg: OverlayConfig,
         unpacker: Option<Arc<Unpacker>>,
+        lazy: Option<Arc<Lazy>>,
     ) -> Result<Self> {
         // As containerd's overlayfs: only root may enter the snapshots.
         mkdir_durable(&cfg.root, 0o700)?;
@@ -250,8 +258,15 @@ impl OverlaySnapshotter {
                 volatile: cfg.volatile,
                 unpacker,
                 ahead: Ahead::default(),
+                lazy,
             }),
         };
+        if s.inner.lazy.is_some() {
+            // Before Cleanup looks at the directories: a crashed run's FUSE
+            // mounts answer ENOTCONN until detached.
+            crate::lazy::detach_stale_mounts(&s.inner.root);
+            s.inner.remount_lazy()?;
+        }
         let inner = s.inner.clone();
         std::thread::Builder::new()
             .name("strata-cleanup".into())
@@ -490,6 +505,13 @@ impl Inner {
         });
 
         let userxattr = self.base_options.iter().any(|o| o == "userxattr");
+        if let Some(lazy) = &self.lazy {
+            match self.create_lazy(lazy, req, parent, &parent_ids, &name, labels, userxattr) {
+                Ok(true) => return Ok(()),
+                Ok(false) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
         // This layer's job first (it takes the next free slot), then the
         // layers above it, so that they unpack while containerd works down
         // its list one Prepare at a time.
@@ -607,6 +629,89 @@ impl Inner {
         }
     }
 
+    /// The lazy path: mounts the layer if it is eStargz and records it.
+    /// `Ok(false)`: not lazily (the caller unpacks it).
+    #[allow(clippy::too_many_arguments)]
+    fn create_lazy(
+        &self,
+        lazy: &Lazy,
+        req: &LayerRequest,
+        parent: &str,
+        parent_ids: &[u64],
+        name: &str,
+        labels: &Labels,
+        userxattr: bool,
+    ) -> Result<bool> {
+        let id = self.meta.reserve_id()?;
+        let n = id.id();
+        let dir = self.dir(n);
+        self.make_dirs(n, false, parent_ids.first().copied(), parent)?;
+        let lowers: Vec<PathBuf> = parent_ids.iter().map(|i| self.upper(*i)).collect();
+        let labels = match lazy.mount_layer(n, req, labels, &dir, &lowers, userxattr) {
+            Ok(l) => l,
+            Err(e) => {
+                lazy.unmount(n);
+                let _ = std::fs::remove_dir_all(&dir);
+                tracing::info!(layer = %req.layer, reason = %e, "not mounted lazily: unpacking it");
+                return Ok(false);
+            }
+        };
+        let recorded = self.sync_entries(n).and_then(|()| {
+            let usage = disk_usage(&self.upper(n))?;
+            self.meta
+                .create_committed(id, name, parent, parent_ids, labels, usage)
+        });
+        match recorded {
+            Ok(_) => {
+                tracing::info!(layer = %req.layer, target = %req.target, "layer mounted lazily");
+                Ok(true)
+            }
+            Err(Error::AlreadyExists(_)) => {
+                lazy.unmount(n);
+                let _ = std::fs::remove_dir_all(&dir);
+                if self.existing_layer(name, req, parent)? {
+                    Ok(true)
+                } else {
+                    Err(Error::FailedPrecondition(format!(
+                        "snapshot {name:?} exists but is not layer {} on {parent:?}",
+                        req.layer
+                    )))
+                }
+            }
+            Err(e) => {
+                // The directory (and its kept TOC) stays for a replay.
+                lazy.unmount(n);
+                Err(e)
+            }
+        }
+    }
+
+    /// Mounts the lazy layers recorded before a restart, parents first.
+    fn remount_lazy(&self) -> Result<()> {
+        let Some(lazy) = &self.lazy else {
+            return Ok(());
+        };
+        let mut recs: Vec<Record> = Vec::new();
+        self.meta.walk(|_, rec| {
+            if rec.labels.contains_key(LAZY_LABEL) {
+                recs.push(rec);
+            }
+            true
+        })?;
+        recs.sort_by_key(|r| r.parent_ids.len());
+        let userxattr = self.base_options.iter().any(|o| o == "userxattr");
+        for r in recs {
+            let lowers: Vec<PathBuf> = r.parent_ids.iter().map(|i| self.upper(*i)).collect();
+            match lazy.remount(r.id, &r.labels, &self.dir(r.id), &lowers, userxattr) {
+                Ok(()) => tracing::info!(id = r.id, "lazy layer mounted again"),
+                Err(e) => {
+                    tracing::error!(id = r.id, error = %e, "a lazy layer could not be mounted again: its files are missing")
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Starts jobs for the layers of `req`'s image above it that are not
     /// here and not started (best effort: a failure only logs).
     fn start_ahead(&self, unpacker: &Arc<Unpacker>, req: &LayerRequest, userxattr: bool) {
@@ -624,7 +729,13 @@ impl Inner {
         // As many layers above as the unpacker runs at once: enough to keep
         // it busy, few enough that another image's Prepare does not queue
         // behind a long guess.
-        for l in plan.iter().skip(pos + 1).take(unpacker.layers_at_once()) {
+        for l in plan
+            .iter()
+            .skip(pos + 1)
+            // A lazy snapshotter mounts eStargz layers: nothing to unpack.
+            .filter(|l| !(self.lazy.is_some() && l.estargz))
+            .take(unpacker.layers_at_once())
+        {
             let next = LayerRequest {
                 target: l.chain_id.clone(),
                 layer: l.digest.clone(),
@@ -690,6 +801,9 @@ impl Inner {
 
     fn remove(&self, key: &str) -> Result<()> {
         let rec = self.meta.remove(key)?;
+        if let Some(lazy) = &self.lazy {
+            lazy.unmount(rec.id);
+        }
         // The record is gone; the directory is now an orphan that start-up or
         // Cleanup would also remove. Don't make the caller wait for it.
         let dir = self.dir(rec.id);

@@ -171,6 +171,8 @@ struct LayerInfo {
     digest: String,
     size: u64,
     diff_id: String,
+    /// The eStargz TOC digest annotation, if any.
+    toc_digest: Option<String>,
 }
 
 /// The chain id of a layer with `diff_id` on a parent with chain id
@@ -193,6 +195,8 @@ pub struct PlannedLayer {
     pub digest: Digest,
     /// The chain id it is committed as.
     pub chain_id: String,
+    /// Whether the manifest gives it an eStargz TOC digest.
+    pub estargz: bool,
 }
 
 /// Fetches and unpacks layers for the overlay snapshotter.
@@ -320,6 +324,22 @@ impl Unpacker {
         self.slots.clone()
     }
 
+    /// The registry client.
+    pub(crate) fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// The layer's size and its eStargz TOC digest annotation in the
+    /// image's manifest (checked against the manifest's digest when the
+    /// request names it). Blocking.
+    pub(crate) fn toc_digest(
+        &self,
+        req: &LayerRequest,
+    ) -> Result<(u64, Option<String>), RemoteError> {
+        let l = tokio::runtime::Handle::current().block_on(self.layer_info(req))?;
+        Ok((l.size, l.toc_digest))
+    }
+
     /// How many layers are unpacked at once.
     pub fn layers_at_once(&self) -> usize {
         self.layers_at_once
@@ -339,6 +359,7 @@ impl Unpacker {
                     .parse()
                     .map_err(|e| RemoteError::Labels(format!("digest {:?}: {e}", l.digest)))?,
                 chain_id: chain.clone(),
+                estargz: l.toc_digest.is_some(),
             });
             parent = Some(chain);
         }
@@ -439,6 +460,11 @@ impl Unpacker {
                     digest: l.digest().to_string(),
                     size: l.size(),
                     diff_id: d.clone(),
+                    toc_digest: l
+                        .annotations()
+                        .as_ref()
+                        .and_then(|a| a.get(strata_lazy::estargz::TOC_DIGEST_ANNOTATION))
+                        .cloned(),
                 })
                 .collect(),
         );

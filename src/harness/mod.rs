@@ -446,9 +446,12 @@ impl ContainerdSetup {
         ContainerdSetup::default()
     }
 
-    /// strata on `socket` as snapshotter `strata` and as content store.
+    /// strata on `socket` as snapshotters `strata` and `strata-lazy` and as
+    /// content store.
     pub fn strata(socket: &Path) -> Self {
-        Self::proxy(socket, "strata")
+        let mut s = Self::proxy(socket, "strata");
+        s.proxy_snapshotters.push("strata-lazy".into());
+        s
     }
 
     /// A proxy daemon on `socket` as snapshotter `name` and content store.

@@ -1,0 +1,279 @@
+//! Lazy layers of the `strata-lazy` snapshotter: an eStargz layer is
+//! mounted through FUSE ([`strata_lazy::fs`]) instead of being downloaded,
+//! and its files are fetched by range request when they are read.
+//!
+//! A fast-path Prepare on a lazy snapshotter ([`crate::overlay`]) first
+//! asks [`Lazy::mount_layer`]: the image's manifest (fetched by the digest
+//! in the labels, so verified) must carry the layer's
+//! `containerd.io/snapshot/stargz/toc.digest` annotation (and a Prepare
+//! label of that name, if given, must agree); the footer and the TOC are
+//! fetched by range, the TOC checked against that digest; the TOC is kept
+//! beside the mount (`<id>/toc.gz`) so that a restart mounts the layer
+//! again without the registry; the layer's implied parents take the lower
+//! layers' attributes; the mount is made at `<id>/fs`; the files before the
+//! prefetch landmark are fetched; then the snapshot is recorded. Any
+//! failure before the record falls back to the ordinary fast path (the
+//! whole layer unpacked), with a log line saying why.
+//!
+//! Every byte served is checked against its `chunkDigest` first; a chunk
+//! that fails twice is EIO.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use strata_lazy::estargz::{Footer, Toc, FOOTER_SIZE, TOC_DIGEST_ANNOTATION};
+use strata_lazy::fetch::{ChunkCache, Layer, RangeReader};
+use strata_lazy::fs::{lower_dir, mount, LayerFs, Mounted};
+use strata_registry::{Client, Digest, Reference};
+
+use crate::remote::{LayerRequest, Unpacker};
+use crate::types::Labels;
+
+/// On a lazy layer's record: the layer's digest (its TOC is `<id>/toc.gz`,
+/// its image the record's `cri.image-ref` label).
+pub const LAZY_LABEL: &str = "containerd.io/snapshot/strata.lazy";
+
+/// Why a layer is not mounted lazily (the ordinary path is taken).
+#[derive(Debug, thiserror::Error)]
+pub enum LazyError {
+    /// Not an eStargz layer of this image.
+    #[error("not lazy: {0}")]
+    NotLazy(String),
+    /// The registry or the layer failed.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// The lazy layers of one snapshotter.
+pub struct Lazy {
+    unpacker: Arc<Unpacker>,
+    cache: Arc<ChunkCache>,
+    prefetch: bool,
+    mounts: Mutex<HashMap<u64, (Mounted, Arc<Layer>)>>,
+}
+
+/// Range reads of one blob through strata's registry client.
+struct RegistryRange {
+    rt: tokio::runtime::Handle,
+    client: Client,
+    image: Reference,
+    digest: Digest,
+}
+
+impl RangeReader for RegistryRange {
+    fn read_range(&self, offset: u64, len: u64) -> std::io::Result<Vec<u8>> {
+        self.rt
+            .block_on(
+                self.client
+                    .fetch_range(&self.image, &self.digest, offset, len),
+            )
+            .map(|b| b.to_vec())
+            .map_err(std::io::Error::other)
+    }
+}
+
+fn failed(what: &str) -> impl Fn(strata_registry::Error) -> LazyError + '_ {
+    move |e| LazyError::Failed(format!("{what}: {e}"))
+}
+
+impl Lazy {
+    /// Lazy layers fetched through `unpacker`'s registry client, their
+    /// chunks cached in `cache` (which several snapshotters may share);
+    /// with `prefetch`, the files before a layer's prefetch landmark are
+    /// fetched before its Prepare answers.
+    pub fn new(unpacker: Arc<Unpacker>, cache: Arc<ChunkCache>, prefetch: bool) -> Lazy {
+        Lazy {
+            unpacker,
+            cache,
+            prefetch,
+            mounts: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, (Mounted, Arc<Layer>)>> {
+        self.mounts.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Mounts `req`'s layer at `<dir>/fs` (an empty directory) if it is
+    /// eStargz, keeping its TOC at `<dir>/toc.gz`. `lowers`: the parent
+    /// chain's layer directories, nearest first. Blocking (call it on a
+    /// blocking thread of the runtime). Returns the labels to record.
+    pub fn mount_layer(
+        &self,
+        id: u64,
+        req: &LayerRequest,
+        labels: &Labels,
+        dir: &Path,
+        lowers: &[PathBuf],
+        userxattr: bool,
+    ) -> Result<Labels, LazyError> {
+        let (size, annotated) = self
+            .unpacker
+            .toc_digest(req)
+            .map_err(|e| LazyError::NotLazy(e.to_string()))?;
+        let Some(toc_digest) = annotated else {
+            return Err(LazyError::NotLazy(format!(
+                "layer {} has no {TOC_DIGEST_ANNOTATION} annotation",
+                req.layer
+            )));
+        };
+        if let Some(l) = labels.get(TOC_DIGEST_ANNOTATION) {
+            if *l != toc_digest {
+                return Err(LazyError::NotLazy(format!(
+                    "the Prepare's {TOC_DIGEST_ANNOTATION} {l} is not the manifest's {toc_digest}"
+                )));
+            }
+        }
+        let rt = tokio::runtime::Handle::current();
+        let client = self.unpacker.client();
+        let tail_len = size.min(FOOTER_SIZE + 16);
+        let tail = rt
+            .block_on(client.fetch_range(&req.image, &req.layer, size - tail_len, tail_len))
+            .map_err(failed("fetching the footer"))?;
+        let footer = Footer::parse(&tail, size).map_err(|e| LazyError::NotLazy(e.to_string()))?;
+        let toc_len = size - footer.size - footer.toc_offset;
+        let toc_gz = rt
+            .block_on(client.fetch_range(&req.image, &req.layer, footer.toc_offset, toc_len))
+            .map_err(failed("fetching the TOC"))?;
+        let toc = Toc::parse(&toc_gz, footer, Some(&toc_digest))
+            .map_err(|e| LazyError::NotLazy(e.to_string()))?;
+        // Kept for a restart: the footer's offset, then the TOC member.
+        let mut kept = footer.toc_offset.to_le_bytes().to_vec();
+        kept.extend_from_slice(&footer.size.to_le_bytes());
+        kept.extend_from_slice(&toc_gz);
+        write_synced(&dir.join("toc.gz"), &kept)
+            .map_err(|e| LazyError::Failed(format!("keeping the TOC: {e}")))?;
+        let layer = self.mount_toc(id, toc, req, dir, lowers, userxattr)?;
+        if self.prefetch && layer.toc().prefetch_end > 0 {
+            let t = std::time::Instant::now();
+            match layer.prefetch(layer.toc().prefetch_end, 8 << 20) {
+                Ok(n) => {
+                    tracing::info!(layer = %req.layer, chunks = n, ms = t.elapsed().as_millis() as u64, "prefetched the landmark's files")
+                }
+                Err(e) => {
+                    tracing::warn!(layer = %req.layer, error = %e, "prefetch failed; files are fetched when read")
+                }
+            }
+        }
+        let mut out = labels.clone();
+        out.insert(LAZY_LABEL.to_string(), req.layer.to_string());
+        out.insert(TOC_DIGEST_ANNOTATION.to_string(), toc_digest);
+        Ok(out)
+    }
+
+    fn mount_toc(
+        &self,
+        id: u64,
+        mut toc: Toc,
+        req: &LayerRequest,
+        dir: &Path,
+        lowers: &[PathBuf],
+        userxattr: bool,
+    ) -> Result<Arc<Layer>, LazyError> {
+        toc.adopt_parents(|p| lower_dir(lowers, p));
+        let reader = Arc::new(RegistryRange {
+            rt: tokio::runtime::Handle::current(),
+            client: self.unpacker.client().clone(),
+            image: req.image.clone(),
+            digest: req.layer.clone(),
+        });
+        let layer = Arc::new(Layer::new(Arc::new(toc), reader, self.cache.clone()));
+        let m = mount(
+            LayerFs::new(layer.clone(), userxattr),
+            &dir.join("fs"),
+            &format!("strata-lazy:{}", req.layer),
+        )
+        .map_err(|e| LazyError::Failed(format!("mounting the layer: {e}")))?;
+        self.lock().insert(id, (m, layer.clone()));
+        Ok(layer)
+    }
+
+    /// Mounts a lazy layer recorded before a restart, from its kept TOC.
+    pub fn remount(
+        &self,
+        id: u64,
+        labels: &Labels,
+        dir: &Path,
+        lowers: &[PathBuf],
+        userxattr: bool,
+    ) -> Result<(), LazyError> {
+        let req = match LayerRequest::from_labels(labels) {
+            Some(Ok(r)) => r,
+            _ => {
+                return Err(LazyError::Failed(
+                    "the record lacks its layer labels".into(),
+                ))
+            }
+        };
+        let toc_digest = labels
+            .get(TOC_DIGEST_ANNOTATION)
+            .ok_or_else(|| LazyError::Failed("the record lacks its TOC digest".into()))?;
+        let kept = std::fs::read(dir.join("toc.gz"))
+            .map_err(|e| LazyError::Failed(format!("reading the kept TOC: {e}")))?;
+        if kept.len() < 16 {
+            return Err(LazyError::Failed("the kept TOC is damaged".into()));
+        }
+        let mut off = [0u8; 8];
+        off.copy_from_slice(&kept[..8]);
+        let mut fsz = [0u8; 8];
+        fsz.copy_from_slice(&kept[8..16]);
+        let footer = Footer {
+            toc_offset: u64::from_le_bytes(off),
+            size: u64::from_le_bytes(fsz),
+        };
+        // Checked against the recorded digest, as when it was fetched.
+        let toc = Toc::parse(&kept[16..], footer, Some(toc_digest))
+            .map_err(|e| LazyError::Failed(e.to_string()))?;
+        self.mount_toc(id, toc, &req, dir, lowers, userxattr)?;
+        Ok(())
+    }
+
+    /// Unmounts snapshot `id`'s layer, if it is lazy and mounted.
+    pub fn unmount(&self, id: u64) {
+        let m = self.lock().remove(&id);
+        if let Some((m, _)) = m {
+            if let Err(e) = m.unmount() {
+                tracing::warn!(id, error = %e, "unmounting a lazy layer failed");
+            }
+        }
+    }
+
+    /// Compressed bytes fetched by the mounted layers.
+    pub fn fetched_bytes(&self) -> u64 {
+        self.lock().values().map(|(_, l)| l.fetched_bytes()).sum()
+    }
+}
+
+/// Detaches every mount under `root` (left by a crashed run: a FUSE mount
+/// whose daemon died answers ENOTCONN, and nothing can remove it).
+pub fn detach_stale_mounts(root: &Path) {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    let prefix = root.to_string_lossy().into_owned();
+    let mut stale: Vec<String> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|m| m.starts_with(&format!("{prefix}/")))
+        .map(str::to_string)
+        .collect();
+    // Deepest first.
+    stale.sort_by_key(|m| std::cmp::Reverse(m.len()));
+    for m in stale {
+        match nix::mount::umount2(m.as_str(), nix::mount::MntFlags::MNT_DETACH) {
+            Ok(()) => tracing::info!(mount = %m, "detached a mount left by an earlier run"),
+            Err(e) => tracing::warn!(mount = %m, error = %e, "could not detach a stale mount"),
+        }
+    }
+}
+
+fn write_synced(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)?;
+    f.write_all(data)?;
+    f.sync_all()
+}

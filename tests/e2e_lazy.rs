@@ -1,0 +1,180 @@
+//! `strata-lazy` end to end: an image with every kind of entry (and a
+//! large file in several chunks) is pushed to Debian's docker-registry,
+//! converted to eStargz by stargz-snapshotter's `ctr-remote image convert
+//! --estargz --oci` and pushed again. `strata pull --snapshotter
+//! strata-lazy`, through a proxy that counts the bytes the registry sends,
+//! mounts every layer lazily; runc runs a container from it and sees the
+//! right files; the tree equals containerd's own unpack of the unconverted
+//! image; strata fetched less than the image; after strata restarts, the
+//! image runs again without a pull. A plain gzip image on `strata-lazy` is
+//! unpacked instead (fallback).
+
+mod common;
+
+use std::process::Command;
+
+use anyhow::{ensure, Result};
+use strata::harness::{image, run, Containerd, ContainerdSetup, CountingProxy, Registry, Strata};
+
+fn strata_pull(cd: &Containerd, reference: &str) -> Result<String> {
+    let out = run(Command::new(common::strata_bin()).args([
+        "pull",
+        "-a",
+        &cd.socket.display().to_string(),
+        "-n",
+        "strata",
+        "--snapshotter",
+        "strata-lazy",
+        reference,
+    ]))?;
+    Ok(format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    ))
+}
+
+#[test]
+fn estargz_images_run_from_lazy_mounts() -> Result<()> {
+    common::require_root();
+    let bins = strata::harness::conformance_bins()?;
+    let tmp = common::tempdir();
+    let dir = tmp.path();
+
+    let mut registry = Registry::start(&dir.join("registry"))?;
+    let mut img = image::rich_image()?;
+    img.layers.push(vec![
+        image::Entry::Dir("big".into()),
+        image::Entry::File("big/noise".into(), image::noise(7, 3_000_000), 0o644),
+    ]);
+    let written = img.write_layout(&dir.join("oci"), "v1")?;
+    let reference = registry.push(&dir.join("oci"), "v1", "strata/lazy:v1")?;
+    let esgz = reference.replace(":v1", ":esgz");
+    let top = strata::pull::chain_ids(&written.diff_ids)
+        .last()
+        .cloned()
+        .unwrap_or_default();
+
+    // containerd's own unpack of the original, and the conversion.
+    let mut builtin = Containerd::start(&dir.join("builtin"), &ContainerdSetup::builtin())?;
+    builtin.pull("overlayfs", &reference)?;
+    builtin.client(
+        &bins.join("ctr-remote"),
+        &["image", "convert", "--estargz", "--oci", &reference, &esgz],
+    )?;
+    builtin.ctr(&["image", "push", "--plain-http", &esgz])?;
+    let (esgz_size, esgz_top): (u64, String) = {
+        let rt = tokio::runtime::Runtime::new()?;
+        let mut cfg = strata_registry::ClientConfig::default();
+        cfg.plain_http = true;
+        let client = strata_registry::Client::new(cfg)?;
+        let r = strata_registry::Reference::parse(&esgz)?;
+        let m = rt.block_on(client.resolve(&r, &strata_registry::Platform::host()))?;
+        let diff_ids = m.config.value.rootfs().diff_ids().clone();
+        (
+            m.manifest.value.layers().iter().map(|l| l.size()).sum(),
+            strata::pull::chain_ids(&diff_ids)
+                .last()
+                .cloned()
+                .unwrap_or_default(),
+        )
+    };
+    let theirs = common::view_tree(&mut builtin, "overlayfs", &top, dir)?;
+    builtin.stop()?;
+
+    let proxy = CountingProxy::start(&registry.addr)?;
+    let lazy_ref = esgz.replace(&registry.addr, &proxy.addr);
+    let mut strata = Strata::start(&common::strata_bin(), dir, &["--log-level", "info"])?;
+    let mut cd = Containerd::start(
+        &dir.join("containerd"),
+        &ContainerdSetup::strata(&strata.socket),
+    )?;
+
+    let out = strata_pull(&cd, &lazy_ref)?;
+    ensure!(
+        out.contains("4 layers, 0 unpacked by strata-lazy, 4 mounted lazily"),
+        "every layer should be mounted lazily:\n{out}\nstrata's log:\n{}",
+        strata.proc().log_tail()
+    );
+    let after_pull = proxy.bytes_down();
+
+    let run_it = |cd: &mut Containerd, id: &str| {
+        cd.run(
+            "strata-lazy",
+            &lazy_ref,
+            id,
+            &[
+                "/bin/sh",
+                "-c",
+                "cat /rich/owned /rich/added; stat -c '%a %u:%g' /rich/suid /rich/private; ls /rich/opaque",
+            ],
+        )
+    };
+    let out = run_it(&mut cd, "lazy-run")?;
+    for want in [
+        "owned by 1000:1001\n",
+        "added in layer 3\n",
+        "4750 0:0\n",
+        "750 1000:1001\n",
+        "c\n",
+    ] {
+        ensure!(
+            out.contains(want),
+            "container output lacks {want:?}:\n{out}"
+        );
+    }
+    let after_run = proxy.bytes_down();
+    ensure!(
+        after_run < esgz_size,
+        "a run should fetch less than the image: {after_run} of {esgz_size} bytes"
+    );
+
+    // The tree equals containerd's unpack of the unconverted image.
+    let ours = common::view_tree(&mut cd, "strata-lazy", &esgz_top, dir)?;
+    let diff = common::tree_diff(&ours, &theirs);
+    ensure!(
+        diff.is_empty(),
+        "strata-lazy's tree differs from containerd's overlayfs ({} entries vs {}):\n{}",
+        ours.len(),
+        theirs.len(),
+        diff.join("\n")
+    );
+    let after_tree = proxy.bytes_down();
+    eprintln!(
+        "strata-lazy: eStargz image of {esgz_size} bytes; fetched {after_pull} bytes by the pull, {after_run} after a run, {after_tree} after reading every file; tree of {} entries equals containerd's",
+        ours.len()
+    );
+
+    // A restart mounts the layers again from their kept TOCs: no pull.
+    cd.stop()?;
+    strata.stop()?;
+    let mut strata = Strata::start(&common::strata_bin(), dir, &["--log-level", "info"])?;
+    let mut cd = Containerd::start(
+        &dir.join("containerd"),
+        &ContainerdSetup::strata(&strata.socket),
+    )?;
+    let out = run_it(&mut cd, "lazy-run-2")?;
+    ensure!(
+        out.contains("owned by 1000:1001\n") && out.contains("750 1000:1001\n"),
+        "after a restart: {out}\nstrata's log:\n{}",
+        strata.proc().log_tail()
+    );
+
+    // A plain gzip image on strata-lazy: unpacked, not mounted.
+    let plain = reference.replace(&registry.addr, &proxy.addr);
+    let out = strata_pull(&cd, &plain)?;
+    ensure!(
+        out.contains("4 layers, 4 unpacked by strata-lazy, 4 blobs in content"),
+        "a plain gzip image falls back to unpacking:\n{out}"
+    );
+    let out = cd.run(
+        "strata-lazy",
+        &plain,
+        "plain-run",
+        &["/bin/cat", "/rich/added"],
+    )?;
+    ensure!(out.contains("added in layer 3"), "{out}");
+    cd.stop()?;
+    strata.stop()?;
+    Ok(())
+}
