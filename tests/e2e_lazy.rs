@@ -176,5 +176,44 @@ fn estargz_images_run_from_lazy_mounts() -> Result<()> {
     ensure!(out.contains("added in layer 3"), "{out}");
     cd.stop()?;
     strata.stop()?;
+
+    // stargz-snapshotter's own client, on a fresh strata: `ctr-remote image
+    // rpull` passes its labels (stargz.reference, stargz.digest, the TOC
+    // digest annotation) and strata mounts every layer lazily.
+    let fresh = dir.join("fresh");
+    std::fs::create_dir_all(&fresh)?;
+    let mut strata = Strata::start(&common::strata_bin(), &fresh, &["--log-level", "info"])?;
+    let mut cd = Containerd::start(
+        &fresh.join("containerd"),
+        &ContainerdSetup::strata(&strata.socket),
+    )?;
+    let before = proxy.bytes_down();
+    cd.client(
+        &bins.join("ctr-remote"),
+        &[
+            "image",
+            "rpull",
+            "--plain-http",
+            "--snapshotter",
+            "strata-lazy",
+            &lazy_ref,
+        ],
+    )?;
+    let log = strata.proc().log_tail();
+    ensure!(
+        log.matches("layer mounted lazily").count() == 4,
+        "ctr-remote rpull: every layer should be mounted lazily:\n{log}"
+    );
+    let out = run_it(&mut cd, "rpull-run")?;
+    ensure!(
+        out.contains("owned by 1000:1001\n") && out.contains("750 1000:1001\n"),
+        "after rpull: {out}"
+    );
+    eprintln!(
+        "ctr-remote rpull on strata-lazy: 4 layers mounted lazily, {} bytes fetched to pull and run",
+        proxy.bytes_down() - before
+    );
+    cd.stop()?;
+    strata.stop()?;
     Ok(())
 }

@@ -40,6 +40,11 @@ pub const CRI_LAYER_DIGEST: &str = "containerd.io/snapshot/cri.layer-digest";
 pub const CRI_MANIFEST_DIGEST: &str = "containerd.io/snapshot/cri.manifest-digest";
 /// Every layer digest of the image, bottom first, comma-separated.
 pub const CRI_IMAGE_LAYERS: &str = "containerd.io/snapshot/cri.image-layers";
+/// The image reference as stargz-snapshotter's `ctr-remote image rpull`
+/// passes it (no manifest digest: the image is resolved by reference).
+pub const STARGZ_REFERENCE: &str = "containerd.io/snapshot/remote/stargz.reference";
+/// The layer digest as `ctr-remote image rpull` passes it.
+pub const STARGZ_DIGEST: &str = "containerd.io/snapshot/remote/stargz.digest";
 
 /// Why the fast path did not unpack a layer.
 #[derive(Debug, thiserror::Error)]
@@ -102,8 +107,12 @@ impl LayerRequest {
     /// the manifest is optional).
     pub fn from_labels(labels: &Labels) -> Option<Result<LayerRequest, RemoteError>> {
         let target = labels.get(TARGET_REF)?;
-        let image = labels.get(CRI_IMAGE_REF)?;
-        let layer = labels.get(CRI_LAYER_DIGEST)?;
+        let image = labels
+            .get(CRI_IMAGE_REF)
+            .or_else(|| labels.get(STARGZ_REFERENCE))?;
+        let layer = labels
+            .get(CRI_LAYER_DIGEST)
+            .or_else(|| labels.get(STARGZ_DIGEST))?;
         Some((|| {
             let digest = |s: &str| {
                 s.parse::<Digest>()
