@@ -145,10 +145,24 @@ fn estargz_images_run_from_lazy_mounts() -> Result<()> {
         ours.len()
     );
 
-    // A restart mounts the layers again from their kept TOCs: no pull.
+    // strata is killed: its FUSE mounts are left dead (ENOTCONN). The next
+    // start detaches them and mounts the layers again from their kept
+    // TOCs: the image runs with no pull.
     cd.stop()?;
+    if let Some(pid) = strata.proc().pid() {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )?;
+    }
     strata.stop()?;
     let mut strata = Strata::start(&common::strata_bin(), dir, &["--log-level", "info"])?;
+    let log = strata.proc().log_tail();
+    ensure!(
+        log.contains("detached a mount left by an earlier run")
+            && log.matches("lazy layer mounted again").count() == 4,
+        "after SIGKILL, the start should detach the dead mounts and mount 4 layers again:\n{log}"
+    );
     let mut cd = Containerd::start(
         &dir.join("containerd"),
         &ContainerdSetup::strata(&strata.socket),
