@@ -13,7 +13,8 @@ mod common;
 
 use std::process::Command;
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
+use strata_lazy::estargz::{Footer, Toc};
 use strata::harness::{image, run, Containerd, ContainerdSetup, CountingProxy, Registry, Strata};
 
 fn strata_pull(cd: &Containerd, reference: &str) -> Result<String> {
@@ -63,7 +64,7 @@ fn estargz_images_run_from_lazy_mounts() -> Result<()> {
         &["image", "convert", "--estargz", "--oci", &reference, &esgz],
     )?;
     builtin.ctr(&["image", "push", "--plain-http", &esgz])?;
-    let (esgz_size, esgz_top): (u64, String) = {
+    let (esgz_size, esgz_top, top_layer): (u64, String, (String, u64)) = {
         let rt = tokio::runtime::Runtime::new()?;
         let mut cfg = strata_registry::ClientConfig::default();
         cfg.plain_http = true;
@@ -71,12 +72,15 @@ fn estargz_images_run_from_lazy_mounts() -> Result<()> {
         let r = strata_registry::Reference::parse(&esgz)?;
         let m = rt.block_on(client.resolve(&r, &strata_registry::Platform::host()))?;
         let diff_ids = m.config.value.rootfs().diff_ids().clone();
+        let layers = m.manifest.value.layers();
+        let last = layers.last().map(|l| (l.digest().to_string(), l.size()));
         (
-            m.manifest.value.layers().iter().map(|l| l.size()).sum(),
+            layers.iter().map(|l| l.size()).sum(),
             strata::pull::chain_ids(&diff_ids)
                 .last()
                 .cloned()
                 .unwrap_or_default(),
+            last.unwrap_or_default(),
         )
     };
     let theirs = common::view_tree(&mut builtin, "overlayfs", &top, dir)?;
@@ -223,9 +227,51 @@ fn estargz_images_run_from_lazy_mounts() -> Result<()> {
         out.contains("owned by 1000:1001\n") && out.contains("750 1000:1001\n"),
         "after rpull: {out}"
     );
+    let rpull_bytes = proxy.bytes_down() - before;
+
+    // A byte flipped in the registry's copy of a chunk nobody has read yet
+    // (this strata's cache is empty): the read fails with EIO, after one
+    // more fetch, and no wrong byte reaches the container.
+    let (digest, size) = &top_layer;
+    let hex = digest.trim_start_matches("sha256:");
+    let blob_path = dir
+        .join("registry/data/docker/registry/v2/blobs/sha256")
+        .join(&hex[..2])
+        .join(hex)
+        .join("data");
+    let mut blob = std::fs::read(&blob_path)?;
+    ensure!(blob.len() as u64 == *size);
+    let footer = Footer::parse(&blob[blob.len() - 64..], *size)?;
+    let toc = Toc::parse(
+        &blob[footer.toc_offset as usize..blob.len() - footer.size as usize],
+        footer,
+        None,
+    )?;
+    let noise = toc.lookup("big/noise").context("big/noise in the TOC")?;
+    let c = &toc.nodes[noise].chunks[0];
+    blob[(c.blob_offset + (c.blob_end - c.blob_offset) / 2) as usize] ^= 0x55;
+    std::fs::write(&blob_path, &blob)?;
+    let out = cd.run(
+        "strata-lazy",
+        &lazy_ref,
+        "corrupt-run",
+        &[
+            "/bin/sh",
+            "-c",
+            "cat /big/noise 2>&1 >/dev/null; echo rc=$?; cat /rich/owned",
+        ],
+    )?;
+    ensure!(
+        out.contains("rc=1") && out.contains("Input/output error") && out.contains("owned by 1000:1001"),
+        "a corrupted chunk should fail with EIO (and other files still read):\n{out}"
+    );
+    let log = strata.proc().log_tail();
+    ensure!(
+        log.contains("failed its check twice"),
+        "strata should log the refused chunk:\n{log}"
+    );
     eprintln!(
-        "ctr-remote rpull on strata-lazy: 4 layers mounted lazily, {} bytes fetched to pull and run",
-        proxy.bytes_down() - before
+        "ctr-remote rpull on strata-lazy: 4 layers mounted lazily, {rpull_bytes} bytes fetched to pull and run; a corrupted chunk was refused with EIO"
     );
     cd.stop()?;
     strata.stop()?;
