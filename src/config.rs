@@ -37,6 +37,9 @@ pub struct LazySettings {
     pub cache_mib: u64,
     /// Fetch a layer's prefetch-landmark files before its Prepare answers.
     pub prefetch: bool,
+    /// Then fetch the rest of the layer in the background, at this many
+    /// MiB/s (0: not at all).
+    pub background_mib_s: u64,
 }
 
 impl Default for LazySettings {
@@ -44,6 +47,7 @@ impl Default for LazySettings {
         LazySettings {
             cache_mib: 10 * 1024,
             prefetch: true,
+            background_mib_s: 32,
         }
     }
 }

@@ -287,6 +287,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                                 u.clone(),
                                 c.clone(),
                                 cfg.lazy.prefetch,
+                                Some(cfg.lazy.background_mib_s.saturating_mul(1 << 20))
+                                    .filter(|&r| r > 0),
                             )))
                         }
                         _ => None,

@@ -88,7 +88,13 @@ fn estargz_images_run_from_lazy_mounts() -> Result<()> {
 
     let proxy = CountingProxy::start(&registry.addr)?;
     let lazy_ref = esgz.replace(&registry.addr, &proxy.addr);
-    let mut strata = Strata::start(&common::strata_bin(), dir, &["--log-level", "info"])?;
+    // No background fetch here, so that the bytes counted are what reads
+    // asked for.
+    let config = dir.join("strata.toml");
+    std::fs::write(&config, "[lazy]\nbackground_mib_s = 0\n")?;
+    let config = config.display().to_string();
+    let args = ["--log-level", "info", "--config", config.as_str()];
+    let mut strata = Strata::start(&common::strata_bin(), dir, &args)?;
     let mut cd = Containerd::start(
         &dir.join("containerd"),
         &ContainerdSetup::strata(&strata.socket),
@@ -160,7 +166,7 @@ fn estargz_images_run_from_lazy_mounts() -> Result<()> {
         )?;
     }
     strata.stop()?;
-    let mut strata = Strata::start(&common::strata_bin(), dir, &["--log-level", "info"])?;
+    let mut strata = Strata::start(&common::strata_bin(), dir, &args)?;
     let log = strata.proc().log_tail();
     ensure!(
         log.contains("detached a mount left by an earlier run")
@@ -195,43 +201,8 @@ fn estargz_images_run_from_lazy_mounts() -> Result<()> {
     cd.stop()?;
     strata.stop()?;
 
-    // stargz-snapshotter's own client, on a fresh strata: `ctr-remote image
-    // rpull` passes its labels (stargz.reference, stargz.digest, the TOC
-    // digest annotation) and strata mounts every layer lazily.
-    let fresh = dir.join("fresh");
-    std::fs::create_dir_all(&fresh)?;
-    let mut strata = Strata::start(&common::strata_bin(), &fresh, &["--log-level", "info"])?;
-    let mut cd = Containerd::start(
-        &fresh.join("containerd"),
-        &ContainerdSetup::strata(&strata.socket),
-    )?;
-    let before = proxy.bytes_down();
-    cd.client(
-        &bins.join("ctr-remote"),
-        &[
-            "image",
-            "rpull",
-            "--plain-http",
-            "--snapshotter",
-            "strata-lazy",
-            &lazy_ref,
-        ],
-    )?;
-    let log = strata.proc().log_tail();
-    ensure!(
-        log.matches("layer mounted lazily").count() == 4,
-        "ctr-remote rpull: every layer should be mounted lazily:\n{log}"
-    );
-    let out = run_it(&mut cd, "rpull-run")?;
-    ensure!(
-        out.contains("owned by 1000:1001\n") && out.contains("750 1000:1001\n"),
-        "after rpull: {out}"
-    );
-    let rpull_bytes = proxy.bytes_down() - before;
-
-    // A byte flipped in the registry's copy of a chunk nobody has read yet
-    // (this strata's cache is empty): the read fails with EIO, after one
-    // more fetch, and no wrong byte reaches the container.
+    // A byte flipped in the registry's copy of a chunk of the top layer,
+    // before a fresh strata (empty cache) pulls the image.
     let (digest, size) = &top_layer;
     let hex = digest.trim_start_matches("sha256:");
     let blob_path = dir
@@ -251,6 +222,68 @@ fn estargz_images_run_from_lazy_mounts() -> Result<()> {
     let c = &toc.nodes[noise].chunks[0];
     blob[(c.blob_offset + (c.blob_end - c.blob_offset) / 2) as usize] ^= 0x55;
     std::fs::write(&blob_path, &blob)?;
+
+    // stargz-snapshotter's own client, on a fresh strata with the default
+    // settings: `ctr-remote image rpull` passes its labels
+    // (stargz.reference, stargz.digest, the TOC digest annotation) and
+    // strata mounts every layer lazily, then fetches the rest of each in
+    // the background.
+    let fresh = dir.join("fresh");
+    std::fs::create_dir_all(&fresh)?;
+    let mut strata = Strata::start(&common::strata_bin(), &fresh, &["--log-level", "info"])?;
+    let mut cd = Containerd::start(
+        &fresh.join("containerd"),
+        &ContainerdSetup::strata(&strata.socket),
+    )?;
+    let before = proxy.bytes_down();
+    cd.client(
+        &bins.join("ctr-remote"),
+        &[
+            "image",
+            "rpull",
+            "--plain-http",
+            "--snapshotter",
+            "strata-lazy",
+            &lazy_ref,
+        ],
+    )?;
+    let log = strata.proc().log_text();
+    ensure!(
+        log.matches("layer mounted lazily").count() == 4,
+        "ctr-remote rpull: every layer should be mounted lazily:\n{log}"
+    );
+    let out = run_it(&mut cd, "rpull-run")?;
+    ensure!(
+        out.contains("owned by 1000:1001\n") && out.contains("750 1000:1001\n"),
+        "after rpull: {out}"
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while strata
+        .proc()
+        .log_text()
+        .matches("fetched the whole layer in the background")
+        .count()
+        < 4
+    {
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "the background fetch did not finish:\n{}",
+            strata.proc().log_tail()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let rpull_bytes = proxy.bytes_down() - before;
+    ensure!(
+        rpull_bytes >= esgz_size,
+        "the background fetch should have fetched every layer: {rpull_bytes} of {esgz_size} bytes"
+    );
+    ensure!(
+        strata.proc().log_text().contains("fetched chunk failed its check: not cached"),
+        "the background fetch should refuse the corrupted chunk"
+    );
+
+    // The corrupted chunk: the read fails with EIO after one more fetch,
+    // and no wrong byte reaches the container; other files still read.
     let out = cd.run(
         "strata-lazy",
         &lazy_ref,
@@ -265,13 +298,13 @@ fn estargz_images_run_from_lazy_mounts() -> Result<()> {
         out.contains("rc=1") && out.contains("Input/output error") && out.contains("owned by 1000:1001"),
         "a corrupted chunk should fail with EIO (and other files still read):\n{out}"
     );
-    let log = strata.proc().log_tail();
     ensure!(
-        log.contains("failed its check twice"),
-        "strata should log the refused chunk:\n{log}"
+        strata.proc().log_text().contains("failed its check twice"),
+        "strata should log the refused chunk:\n{}",
+        strata.proc().log_tail()
     );
     eprintln!(
-        "ctr-remote rpull on strata-lazy: 4 layers mounted lazily, {rpull_bytes} bytes fetched to pull and run; a corrupted chunk was refused with EIO"
+        "ctr-remote rpull on strata-lazy: 4 layers mounted lazily, run; the background fetch brought {rpull_bytes} bytes; a corrupted chunk was refused with EIO"
     );
     cd.stop()?;
     strata.stop()?;

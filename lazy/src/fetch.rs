@@ -207,12 +207,23 @@ pub enum FetchError {
     Corrupt(#[from] crate::estargz::Error),
 }
 
+/// A fetch of one chunk in flight, that concurrent readers wait for.
+#[derive(Default)]
+struct InFlight {
+    done: Mutex<Option<Result<Arc<Vec<u8>>, String>>>,
+    cv: std::sync::Condvar,
+}
+
 /// One lazy layer: its TOC, where its bytes come from, and the cache.
 pub struct Layer {
     toc: Arc<Toc>,
     reader: Arc<dyn RangeReader>,
     cache: Arc<ChunkCache>,
     fetched: AtomicU64,
+    /// Chunks being fetched, by digest: one fetch however many readers.
+    inflight: Mutex<HashMap<[u8; 32], Arc<InFlight>>>,
+    /// Set when the layer goes: background work stops.
+    cancelled: std::sync::atomic::AtomicBool,
 }
 
 impl Layer {
@@ -223,6 +234,8 @@ impl Layer {
             reader,
             cache,
             fetched: AtomicU64::new(0),
+            inflight: Mutex::new(HashMap::new()),
+            cancelled: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -236,12 +249,49 @@ impl Layer {
         self.fetched.load(Ordering::Relaxed)
     }
 
-    /// The verified bytes of chunk `i` of node `node`.
-    pub fn chunk(&self, node: usize, i: usize) -> Result<Vec<u8>, FetchError> {
+    /// The verified bytes of chunk `i` of node `node`: from the cache, or
+    /// fetched (once, however many readers ask at the same time).
+    pub fn chunk(&self, node: usize, i: usize) -> Result<Arc<Vec<u8>>, FetchError> {
         let c = &self.toc.nodes[node].chunks[i];
         if let Some(b) = self.cache.get(&c.digest) {
-            return Ok(b);
+            return Ok(Arc::new(b));
         }
+        let (flight, leader) = {
+            let mut m = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+            match m.get(&c.digest) {
+                Some(f) => (f.clone(), false),
+                None => {
+                    let f = Arc::new(InFlight::default());
+                    m.insert(c.digest, f.clone());
+                    (f, true)
+                }
+            }
+        };
+        if !leader {
+            let mut g = flight.done.lock().unwrap_or_else(|p| p.into_inner());
+            loop {
+                if let Some(r) = g.as_ref() {
+                    return r.clone().map_err(|msg| FetchError::Io {
+                        path: self.toc.path(node),
+                        offset: c.file_offset,
+                        source: std::io::Error::other(msg),
+                    });
+                }
+                g = flight.cv.wait(g).unwrap_or_else(|p| p.into_inner());
+            }
+        }
+        let r = self.fetch_verified(node, c).map(Arc::new);
+        *flight.done.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(r.as_ref().map(Arc::clone).map_err(|e| e.to_string()));
+        flight.cv.notify_all();
+        self.inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&c.digest);
+        r
+    }
+
+    fn fetch_verified(&self, node: usize, c: &Chunk) -> Result<Vec<u8>, FetchError> {
         let path = self.toc.path(node);
         let mut tries = 0;
         loop {
@@ -263,6 +313,16 @@ impl Layer {
         }
     }
 
+    /// Stops background work on this layer (it is going away).
+    pub fn cancel(&self) {
+        self.cancelled.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether [`Layer::cancel`] was called.
+    pub fn is_cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::SeqCst)
+    }
+
     fn fetch(&self, path: &str, c: &Chunk) -> Result<Vec<u8>, FetchError> {
         let len = c.blob_end - c.blob_offset;
         let b = self
@@ -278,10 +338,21 @@ impl Layer {
     }
 
     /// Fetches every chunk whose data starts before `end` in the blob (the
-    /// prefetch landmark), neighbouring chunks in one range request of at
-    /// most `max_request` bytes, and caches them. Returns how many chunks
-    /// were fetched.
+    /// prefetch landmark) and is not cached, neighbouring chunks in one
+    /// range request of at most `max_request` bytes, checks and caches
+    /// them. Returns how many chunks were fetched.
     pub fn prefetch(&self, end: u64, max_request: u64) -> Result<usize, FetchError> {
+        self.fetch_runs(end, max_request, 0)
+    }
+
+    /// Fetches the rest of the layer (every chunk not cached) at about
+    /// `bytes_per_sec` (0: no limit), stopping early if the layer is
+    /// cancelled. Returns how many chunks were fetched.
+    pub fn fetch_all(&self, max_request: u64, bytes_per_sec: u64) -> Result<usize, FetchError> {
+        self.fetch_runs(u64::MAX, max_request, bytes_per_sec)
+    }
+
+    fn fetch_runs(&self, end: u64, max_request: u64, rate: u64) -> Result<usize, FetchError> {
         let mut wanted: Vec<(usize, usize)> = Vec::new();
         for (n, node) in self.toc.nodes.iter().enumerate() {
             for (i, c) in node.chunks.iter().enumerate() {
@@ -292,9 +363,14 @@ impl Layer {
         }
         wanted.sort_by_key(|&(n, i)| self.toc.nodes[n].chunks[i].blob_offset);
         wanted.dedup_by_key(|&mut (n, i)| self.toc.nodes[n].chunks[i].blob_offset);
+        let started = std::time::Instant::now();
+        let mut sent = 0u64;
         let mut fetched = 0;
         let mut at = 0;
         while at < wanted.len() {
+            if self.is_cancelled() {
+                break;
+            }
             // A run of chunks whose ranges touch, up to max_request.
             let first = &self.toc.nodes[wanted[at].0].chunks[wanted[at].1];
             let (start, mut end_off) = (first.blob_offset, first.blob_end);
@@ -326,11 +402,22 @@ impl Layer {
                 match bytes.get(lo..hi).map(|gz| self.toc.decode_chunk(&p, c, gz)) {
                     Some(Ok(data)) => self.cache.put(&c.digest, &data),
                     // Fetched alone (and checked) when it is read.
-                    _ => tracing::warn!(path = %p, "prefetched chunk failed its check: skipped"),
+                    _ => tracing::warn!(path = %p, "fetched chunk failed its check: not cached"),
                 }
                 fetched += 1;
             }
             at = stop;
+            // Hold the rate: wait until the bytes so far are due.
+            sent += end_off - start;
+            if rate > 0 {
+                let due = std::time::Duration::from_secs_f64(sent as f64 / rate as f64);
+                while let Some(wait) = due.checked_sub(started.elapsed()) {
+                    if self.is_cancelled() {
+                        break;
+                    }
+                    std::thread::sleep(wait.min(std::time::Duration::from_millis(100)));
+                }
+            }
         }
         Ok(fetched)
     }

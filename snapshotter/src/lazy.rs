@@ -50,6 +50,9 @@ pub struct Lazy {
     unpacker: Arc<Unpacker>,
     cache: Arc<ChunkCache>,
     prefetch: bool,
+    /// Fetch the rest of each layer in the background, at this many bytes
+    /// a second (`None`: not at all).
+    background: Option<u64>,
     mounts: Mutex<HashMap<u64, (Mounted, Arc<Layer>)>>,
 }
 
@@ -81,12 +84,20 @@ impl Lazy {
     /// Lazy layers fetched through `unpacker`'s registry client, their
     /// chunks cached in `cache` (which several snapshotters may share);
     /// with `prefetch`, the files before a layer's prefetch landmark are
-    /// fetched before its Prepare answers.
-    pub fn new(unpacker: Arc<Unpacker>, cache: Arc<ChunkCache>, prefetch: bool) -> Lazy {
+    /// fetched before its Prepare answers; with `background`, the rest of
+    /// each layer is fetched afterwards at that many bytes a second
+    /// (stopped when the snapshot is removed).
+    pub fn new(
+        unpacker: Arc<Unpacker>,
+        cache: Arc<ChunkCache>,
+        prefetch: bool,
+        background: Option<u64>,
+    ) -> Lazy {
         Lazy {
             unpacker,
             cache,
             prefetch,
+            background,
             mounts: Mutex::new(HashMap::new()),
         }
     }
@@ -156,6 +167,7 @@ impl Lazy {
                 }
             }
         }
+        self.start_background(&layer, &req.layer);
         let mut out = labels.clone();
         out.insert(LAZY_LABEL.to_string(), req.layer.to_string());
         out.insert(TOC_DIGEST_ANNOTATION.to_string(), toc_digest);
@@ -225,14 +237,46 @@ impl Lazy {
         // Checked against the recorded digest, as when it was fetched.
         let toc = Toc::parse(&kept[16..], footer, Some(toc_digest))
             .map_err(|e| LazyError::Failed(e.to_string()))?;
-        self.mount_toc(id, toc, &req, dir, lowers, userxattr)?;
+        let layer = self.mount_toc(id, toc, &req, dir, lowers, userxattr)?;
+        self.start_background(&layer, &req.layer);
         Ok(())
+    }
+
+    /// Fetches the rest of `layer` on a thread of its own, if configured.
+    fn start_background(&self, layer: &Arc<Layer>, digest: &Digest) {
+        let Some(rate) = self.background else {
+            return;
+        };
+        let (layer, digest) = (layer.clone(), digest.to_string());
+        let spawned = std::thread::Builder::new()
+            .name("strata-lazy-fetch".into())
+            .spawn(move || {
+                let t = std::time::Instant::now();
+                match layer.fetch_all(8 << 20, rate) {
+                    Ok(n) if layer.is_cancelled() => {
+                        tracing::info!(layer = %digest, chunks = n, "background fetch stopped: the layer was removed")
+                    }
+                    Ok(n) => tracing::info!(
+                        layer = %digest,
+                        chunks = n,
+                        ms = t.elapsed().as_millis() as u64,
+                        "fetched the whole layer in the background"
+                    ),
+                    Err(e) => {
+                        tracing::warn!(layer = %digest, error = %e, "background fetch failed; files are fetched when read")
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "no background fetch thread");
+        }
     }
 
     /// Unmounts snapshot `id`'s layer, if it is lazy and mounted.
     pub fn unmount(&self, id: u64) {
         let m = self.lock().remove(&id);
-        if let Some((m, _)) = m {
+        if let Some((m, layer)) = m {
+            layer.cancel();
             if let Err(e) = m.unmount() {
                 tracing::warn!(id, error = %e, "unmounting a lazy layer failed");
             }
