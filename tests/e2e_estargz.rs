@@ -195,7 +195,12 @@ fn estargz_from_ctr_remote_reads_back_by_ranges_verified() -> Result<()> {
         let mut toc = l.clone();
         let below: Vec<std::path::PathBuf> = lowers.iter().rev().cloned().collect();
         toc.adopt_parents(|p| lower_dir(&below, p));
-        let layer = Arc::new(Layer::new(Arc::new(toc), ranges[i].clone(), cache.clone()));
+        let layer = Arc::new(Layer::new(
+            Arc::new(toc),
+            ranges[i].clone(),
+            cache.clone(),
+            "test/esgz",
+        ));
         lazy_layers.push(layer.clone());
         mounts.push(mount(LayerFs::new(layer, false), &mp, "strata-lazy-test")?);
         lowers.push(mp);

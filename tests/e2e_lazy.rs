@@ -14,8 +14,8 @@ mod common;
 use std::process::Command;
 
 use anyhow::{ensure, Context, Result};
-use strata_lazy::estargz::{Footer, Toc};
 use strata::harness::{image, run, Containerd, ContainerdSetup, CountingProxy, Registry, Strata};
+use strata_lazy::estargz::{Footer, Toc};
 
 fn strata_pull(cd: &Containerd, reference: &str) -> Result<String> {
     let out = run(Command::new(common::strata_bin()).args([
@@ -184,6 +184,46 @@ fn estargz_images_run_from_lazy_mounts() -> Result<()> {
         strata.proc().log_tail()
     );
 
+    // A kept TOC damaged on disk: that layer cannot be mounted again, and
+    // a container on it is refused with a clear error instead of running
+    // on an empty directory in its place.
+    cd.stop()?;
+    let snaps = strata.root.join("snapshots/strata-lazy");
+    strata.stop()?;
+    let mut damaged = false;
+    for e in std::fs::read_dir(&snaps)? {
+        let toc = e?.path().join("toc.gz");
+        if toc.exists() && !damaged {
+            let mut b = std::fs::read(&toc)?;
+            let last = b.len() - 10;
+            b[last] ^= 0xff;
+            std::fs::write(&toc, b)?;
+            damaged = true;
+        }
+    }
+    ensure!(damaged, "no kept TOC under {}", snaps.display());
+    let mut strata = Strata::start(&common::strata_bin(), dir, &args)?;
+    let mut cd = Containerd::start(
+        &dir.join("containerd"),
+        &ContainerdSetup::strata(&strata.socket),
+    )?;
+    ensure!(
+        strata
+            .proc()
+            .log_text()
+            .contains("could not be mounted again"),
+        "{}",
+        strata.proc().log_tail()
+    );
+    match run_it(&mut cd, "broken-run") {
+        Ok(out) => anyhow::bail!("a container ran on a layer that is not mounted: {out}"),
+        Err(e) => ensure!(
+            e.to_string()
+                .contains("could not be mounted after a restart"),
+            "the refusal should say why: {e}"
+        ),
+    }
+
     // A plain gzip image on strata-lazy: unpacked, not mounted.
     let plain = reference.replace(&registry.addr, &proxy.addr);
     let out = strata_pull(&cd, &plain)?;
@@ -278,7 +318,10 @@ fn estargz_images_run_from_lazy_mounts() -> Result<()> {
         "the background fetch should have fetched every layer: {rpull_bytes} of {esgz_size} bytes"
     );
     ensure!(
-        strata.proc().log_text().contains("fetched chunk failed its check: not cached"),
+        strata
+            .proc()
+            .log_text()
+            .contains("fetched chunk failed its check: not cached"),
         "the background fetch should refuse the corrupted chunk"
     );
 
@@ -295,7 +338,9 @@ fn estargz_images_run_from_lazy_mounts() -> Result<()> {
         ],
     )?;
     ensure!(
-        out.contains("rc=1") && out.contains("Input/output error") && out.contains("owned by 1000:1001"),
+        out.contains("rc=1")
+            && out.contains("Input/output error")
+            && out.contains("owned by 1000:1001"),
         "a corrupted chunk should fail with EIO (and other files still read):\n{out}"
     );
     ensure!(

@@ -49,6 +49,16 @@ pub const NO_PREFETCH_LANDMARK: &str = ".no.prefetch.landmark";
 pub const MAX_TOC_BYTES: u64 = 256 << 20;
 /// The largest chunk accepted (decompressed).
 pub const MAX_CHUNK_BYTES: u64 = 64 << 20;
+/// The largest compressed TOC member accepted.
+pub const MAX_TOC_GZ_BYTES: u64 = 64 << 20;
+
+/// The most compressed bytes a chunk of `size` bytes may span in the blob:
+/// its gzip member (deflate stores incompressible data with 5 bytes per
+/// 64 KiB block), plus the tar headers of the entries that follow it up to
+/// the next data.
+pub fn max_compressed_span(size: u64) -> u64 {
+    size + size / 64 + (4 << 20)
+}
 
 const WHITEOUT_PREFIX: &str = ".wh.";
 const WHITEOUT_OPAQUE: &str = ".wh..wh..opq";
@@ -522,13 +532,19 @@ impl Toc {
             };
             last_file = None;
             if dir == 0 && (base == PREFETCH_LANDMARK || base == NO_PREFETCH_LANDMARK) {
+                let off = non_negative(e.offset, "offset", &path)?;
+                if off >= toc_offset {
+                    return Err(toc_err(format!(
+                        "landmark {path:?} at {off}, past the data (TOC at {toc_offset})"
+                    )));
+                }
                 if base == NO_PREFETCH_LANDMARK {
                     no_prefetch = true;
                 } else if !no_prefetch {
-                    t.prefetch_end = non_negative(e.offset, "offset", &path)?;
+                    t.prefetch_end = off;
                 }
-                if e.offset > 0 {
-                    offsets.push(non_negative(e.offset, "offset", &path)?);
+                if off > 0 {
+                    offsets.push(off);
                 }
                 continue;
             }
@@ -542,6 +558,9 @@ impl Toc {
                 continue;
             }
             if let Some(target) = base.strip_prefix(WHITEOUT_PREFIX) {
+                if matches!(target, "" | "." | "..") {
+                    return Err(toc_err(format!("entry {path:?}: invalid whiteout name")));
+                }
                 let mut n = Node::new(dir, target.to_string(), Kind::Whiteout);
                 n.mode = 0;
                 n.uid = id(e.uid, "uid", &path)?;
@@ -631,6 +650,15 @@ impl Toc {
             }
             let mut at = 0;
             for c in &n.chunks {
+                if c.blob_end - c.blob_offset > max_compressed_span(c.size) {
+                    return Err(toc_err(format!(
+                        "file {:?}: chunk at {} spans {} compressed bytes for {} bytes of data",
+                        n.name,
+                        c.file_offset,
+                        c.blob_end - c.blob_offset,
+                        c.size
+                    )));
+                }
                 if c.file_offset != at || c.size == 0 || c.size > MAX_CHUNK_BYTES {
                     return Err(toc_err(format!(
                         "file {:?}: chunk at {} of {} bytes does not follow {at}",

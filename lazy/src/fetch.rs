@@ -1,11 +1,13 @@
 //! Verified chunks of a lazy layer: from the on-disk cache, or fetched by
 //! range request, checked against their `chunkDigest`, and cached.
 //!
-//! The cache ([`ChunkCache`]) is content-addressed by chunk digest, so a
-//! chunk that two layers or two images share is fetched and stored once. It
-//! holds only verified bytes (written to a temporary name, then renamed),
-//! re-checks every chunk it reads back, and evicts the least recently used
-//! chunks past its size limit.
+//! The cache ([`ChunkCache`]) is content-addressed by chunk digest within
+//! a scope (the layer's registry repository), so a chunk that two layers or
+//! two images of one repository share is fetched and stored once, and an
+//! image can never be served another repository's chunk by naming its
+//! digest. It holds only verified bytes (written to a unique temporary
+//! name, then renamed), re-checks every chunk it reads back from disk, and
+//! evicts the least recently used chunks past its size limit.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write as _;
@@ -84,42 +86,60 @@ impl ChunkCache {
         self.dir.join(hex(d))
     }
 
-    /// The chunk's bytes if cached and still intact.
-    pub fn get(&self, d: &[u8; 32]) -> Option<Vec<u8>> {
+    /// The cache key of chunk `d` in `scope`.
+    pub fn key(scope: &str, d: &[u8; 32]) -> [u8; 32] {
+        let mut h = Sha256::new();
+        h.update(scope.as_bytes());
+        h.update([0u8]);
+        h.update(d);
+        h.finalize().into()
+    }
+
+    /// Whether `key` is cached.
+    pub fn contains(&self, key: &[u8; 32]) -> bool {
+        self.lock().entries.contains_key(key)
+    }
+
+    /// The bytes cached under `key` if they are still chunk `d`.
+    pub fn get(&self, key: &[u8; 32], d: &[u8; 32]) -> Option<Vec<u8>> {
         {
             let mut st = self.lock();
-            let (_, used) = st.entries.get(d).copied()?;
+            let (_, used) = st.entries.get(key).copied()?;
             st.tick += 1;
             let tick = st.tick;
             st.lru.remove(&used);
-            st.lru.insert(tick, *d);
-            if let Some(e) = st.entries.get_mut(d) {
+            st.lru.insert(tick, *key);
+            if let Some(e) = st.entries.get_mut(key) {
                 e.1 = tick;
             }
         }
-        match std::fs::read(self.path(d)) {
+        match std::fs::read(self.path(key)) {
             Ok(b) if Sha256::digest(&b).as_slice() == d => Some(b),
             Ok(_) => {
                 tracing::warn!(chunk = %hex(d), "cached chunk damaged: dropped, fetching again");
-                self.forget(d);
+                self.forget(key);
                 None
             }
             Err(_) => {
-                self.forget(d);
+                self.forget(key);
                 None
             }
         }
     }
 
-    /// Keeps verified bytes.
-    pub fn put(&self, d: &[u8; 32], data: &[u8]) {
-        if self.lock().entries.contains_key(d) {
+    /// Keeps verified bytes under `key`.
+    pub fn put(&self, key: &[u8; 32], data: &[u8]) {
+        static SEQ: AtomicU64 = AtomicU64::new(0);
+        if self.lock().entries.contains_key(key) {
             return;
         }
-        let path = self.path(d);
-        let tmp = self
-            .dir
-            .join(format!(".tmp-{}-{}", hex(d), std::process::id()));
+        let path = self.path(key);
+        let tmp = self.dir.join(format!(
+            ".tmp-{}-{}-{}",
+            hex(key),
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
         let written = (|| {
             let mut f = std::fs::File::create(&tmp)?;
             f.write_all(data)?;
@@ -134,41 +154,41 @@ impl ChunkCache {
             let mut st = self.lock();
             st.tick += 1;
             let tick = st.tick;
-            if st.entries.insert(*d, (data.len() as u64, tick)).is_none() {
-                st.total += data.len() as u64;
+            match st.entries.insert(*key, (data.len() as u64, tick)) {
+                None => st.total += data.len() as u64,
+                // Put twice at once: one entry, its newest tick.
+                Some((_, old)) => {
+                    st.lru.remove(&old);
+                }
             }
-            st.lru.insert(tick, *d);
+            st.lru.insert(tick, *key);
         }
         self.evict();
     }
 
-    fn forget(&self, d: &[u8; 32]) {
+    fn forget(&self, key: &[u8; 32]) {
         let mut st = self.lock();
-        if let Some((size, used)) = st.entries.remove(d) {
+        if let Some((size, used)) = st.entries.remove(key) {
             st.lru.remove(&used);
             st.total -= size;
+            // Under the lock: a put of the same key cannot come between.
+            let _ = std::fs::remove_file(self.path(key));
         }
-        drop(st);
-        let _ = std::fs::remove_file(self.path(d));
     }
 
     fn evict(&self) {
-        loop {
-            let victim = {
-                let mut st = self.lock();
-                if st.total <= self.limit {
-                    return;
-                }
-                let Some((&used, &d)) = st.lru.iter().next() else {
-                    return;
-                };
-                st.lru.remove(&used);
-                if let Some((size, _)) = st.entries.remove(&d) {
-                    st.total -= size;
-                }
-                d
+        let mut st = self.lock();
+        while st.total > self.limit {
+            let Some((&used, &key)) = st.lru.iter().next() else {
+                return;
             };
-            let _ = std::fs::remove_file(self.path(&victim));
+            st.lru.remove(&used);
+            if let Some((size, _)) = st.entries.remove(&key) {
+                st.total -= size;
+            }
+            // Under the lock, so that a put of the same key that renames a
+            // new file into place cannot come between.
+            let _ = std::fs::remove_file(self.path(&key));
         }
     }
 
@@ -214,11 +234,43 @@ struct InFlight {
     cv: std::sync::Condvar,
 }
 
+/// Decoded chunks kept in memory per layer.
+const RECENT_CHUNKS: usize = 4;
+
+/// The last chunks read, by digest.
+type Recent = std::collections::VecDeque<([u8; 32], Arc<Vec<u8>>)>;
+
+/// Publishes the leader's result to the followers of a chunk fetch, and
+/// ends the flight, whatever happens to the leader.
+struct FlightGuard<'l> {
+    layer: &'l Layer,
+    digest: [u8; 32],
+    flight: Arc<InFlight>,
+    result: Option<Result<Arc<Vec<u8>>, String>>,
+}
+
+impl Drop for FlightGuard<'_> {
+    fn drop(&mut self) {
+        *self.flight.done.lock().unwrap_or_else(|p| p.into_inner()) = self.result.take();
+        self.flight.cv.notify_all();
+        self.layer
+            .inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.digest);
+    }
+}
+
 /// One lazy layer: its TOC, where its bytes come from, and the cache.
 pub struct Layer {
     toc: Arc<Toc>,
     reader: Arc<dyn RangeReader>,
     cache: Arc<ChunkCache>,
+    /// The cache scope (the layer's registry repository).
+    scope: String,
+    /// The last chunks read, decoded and checked: sequential reads of a
+    /// chunk in 128 KiB pieces read and check it once.
+    recent: Mutex<Recent>,
     fetched: AtomicU64,
     /// Chunks being fetched, by digest: one fetch however many readers.
     inflight: Mutex<HashMap<[u8; 32], Arc<InFlight>>>,
@@ -227,12 +279,20 @@ pub struct Layer {
 }
 
 impl Layer {
-    /// A layer over `toc`, reading its blob through `reader`.
-    pub fn new(toc: Arc<Toc>, reader: Arc<dyn RangeReader>, cache: Arc<ChunkCache>) -> Layer {
+    /// A layer over `toc`, reading its blob through `reader`, caching its
+    /// chunks in `cache` under `scope` (its registry repository).
+    pub fn new(
+        toc: Arc<Toc>,
+        reader: Arc<dyn RangeReader>,
+        cache: Arc<ChunkCache>,
+        scope: &str,
+    ) -> Layer {
         Layer {
             toc,
             reader,
             cache,
+            scope: scope.to_string(),
+            recent: Mutex::new(std::collections::VecDeque::new()),
             fetched: AtomicU64::new(0),
             inflight: Mutex::new(HashMap::new()),
             cancelled: std::sync::atomic::AtomicBool::new(false),
@@ -253,8 +313,17 @@ impl Layer {
     /// fetched (once, however many readers ask at the same time).
     pub fn chunk(&self, node: usize, i: usize) -> Result<Arc<Vec<u8>>, FetchError> {
         let c = &self.toc.nodes[node].chunks[i];
-        if let Some(b) = self.cache.get(&c.digest) {
-            return Ok(Arc::new(b));
+        if let Some(b) = self.recent_get(&c.digest) {
+            return Ok(b);
+        }
+        let key = ChunkCache::key(&self.scope, &c.digest);
+        if let Some(b) = self.cache.get(&key, &c.digest) {
+            // (Same digest, same bytes, same length: checked anyway.)
+            if b.len() as u64 == c.size {
+                let b = Arc::new(b);
+                self.recent_put(c.digest, b.clone());
+                return Ok(b);
+            }
         }
         let (flight, leader) = {
             let mut m = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
@@ -280,15 +349,36 @@ impl Layer {
                 g = flight.cv.wait(g).unwrap_or_else(|p| p.into_inner());
             }
         }
+        // Followers are answered even if this thread unwinds.
+        let mut guard = FlightGuard {
+            layer: self,
+            digest: c.digest,
+            flight,
+            result: Some(Err("the fetch was abandoned".into())),
+        };
         let r = self.fetch_verified(node, c).map(Arc::new);
-        *flight.done.lock().unwrap_or_else(|p| p.into_inner()) =
-            Some(r.as_ref().map(Arc::clone).map_err(|e| e.to_string()));
-        flight.cv.notify_all();
-        self.inflight
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&c.digest);
+        if let Ok(b) = &r {
+            self.recent_put(c.digest, b.clone());
+        }
+        guard.result = Some(r.as_ref().map(Arc::clone).map_err(|e| e.to_string()));
+        drop(guard);
         r
+    }
+
+    fn recent_get(&self, d: &[u8; 32]) -> Option<Arc<Vec<u8>>> {
+        let r = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        r.iter().find(|(k, _)| k == d).map(|(_, b)| b.clone())
+    }
+
+    fn recent_put(&self, d: [u8; 32], b: Arc<Vec<u8>>) {
+        let mut r = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        if r.iter().any(|(k, _)| *k == d) {
+            return;
+        }
+        if r.len() >= RECENT_CHUNKS {
+            r.pop_front();
+        }
+        r.push_back((d, b));
     }
 
     fn fetch_verified(&self, node: usize, c: &Chunk) -> Result<Vec<u8>, FetchError> {
@@ -298,7 +388,8 @@ impl Layer {
             let gz = self.fetch(&path, c)?;
             match self.toc.decode_chunk(&path, c, &gz) {
                 Ok(data) => {
-                    self.cache.put(&c.digest, &data);
+                    self.cache
+                        .put(&ChunkCache::key(&self.scope, &c.digest), &data);
                     return Ok(data);
                 }
                 Err(e) if tries == 0 => {
@@ -356,7 +447,11 @@ impl Layer {
         let mut wanted: Vec<(usize, usize)> = Vec::new();
         for (n, node) in self.toc.nodes.iter().enumerate() {
             for (i, c) in node.chunks.iter().enumerate() {
-                if c.blob_offset < end && !self.cache.lock().entries.contains_key(&c.digest) {
+                if c.blob_offset < end
+                    && !self
+                        .cache
+                        .contains(&ChunkCache::key(&self.scope, &c.digest))
+                {
                     wanted.push((n, i));
                 }
             }
@@ -400,7 +495,9 @@ impl Layer {
                 let hi = (c.blob_end - start) as usize;
                 let p = self.toc.path(n);
                 match bytes.get(lo..hi).map(|gz| self.toc.decode_chunk(&p, c, gz)) {
-                    Some(Ok(data)) => self.cache.put(&c.digest, &data),
+                    Some(Ok(data)) => self
+                        .cache
+                        .put(&ChunkCache::key(&self.scope, &c.digest), &data),
                     // Fetched alone (and checked) when it is read.
                     _ => tracing::warn!(path = %p, "fetched chunk failed its check: not cached"),
                 }
@@ -420,5 +517,59 @@ impl Layer {
             }
         }
         Ok(fetched)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn digest(b: &[u8]) -> [u8; 32] {
+        Sha256::digest(b).into()
+    }
+
+    #[test]
+    fn the_cache_keeps_to_its_limit_least_recently_used_out_first() -> std::io::Result<()> {
+        let dir = std::env::temp_dir().join(format!("strata-cache-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let c = ChunkCache::open(&dir, 3000)?;
+        let chunks: Vec<Vec<u8>> = (0..4u8).map(|i| vec![i; 1000]).collect();
+        let keys: Vec<[u8; 32]> = chunks
+            .iter()
+            .map(|b| ChunkCache::key("repo", &digest(b)))
+            .collect();
+        for (k, b) in keys.iter().zip(&chunks).take(3) {
+            c.put(k, b);
+        }
+        // Chunk 0 used again: chunk 1 is now the oldest.
+        assert!(c.get(&keys[0], &digest(&chunks[0])).is_some());
+        c.put(&keys[3], &chunks[3]);
+        assert_eq!(c.size(), 3000);
+        assert!(
+            c.get(&keys[1], &digest(&chunks[1])).is_none(),
+            "LRU chunk evicted"
+        );
+        for i in [0, 2, 3] {
+            assert_eq!(
+                c.get(&keys[i], &digest(&chunks[i])).as_deref(),
+                Some(&chunks[i][..])
+            );
+        }
+        // Put twice: still one entry.
+        c.put(&keys[3], &chunks[3]);
+        assert_eq!(c.size(), 3000);
+        // Another scope does not see these chunks.
+        let other = ChunkCache::key("other-repo", &digest(&chunks[0]));
+        assert!(c.get(&other, &digest(&chunks[0])).is_none());
+        // A damaged file is dropped, never returned.
+        std::fs::write(c.path(&keys[2]), vec![9u8; 1000])?;
+        assert!(c.get(&keys[2], &digest(&chunks[2])).is_none());
+        assert_eq!(c.size(), 2000);
+        // Reopened: what is on disk is known again.
+        drop(c);
+        let c = ChunkCache::open(&dir, 3000)?;
+        assert_eq!(c.size(), 2000);
+        assert!(c.get(&keys[0], &digest(&chunks[0])).is_some());
+        std::fs::remove_dir_all(&dir)
     }
 }

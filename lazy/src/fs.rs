@@ -315,24 +315,33 @@ mod libc_flags {
 /// A mounted layer; unmounted when dropped (or by [`Mounted::unmount`]).
 pub struct Mounted {
     session: Option<fuser::BackgroundSession>,
+    mountpoint: std::path::PathBuf,
 }
 
 impl Mounted {
-    /// Unmounts and waits for the session to end.
+    /// Detaches the mount (`MNT_DETACH`: an overlay that still uses the
+    /// layer keeps it until it goes; nothing waits for that). The session's
+    /// thread ends when the kernel closes the connection.
     pub fn unmount(mut self) -> std::io::Result<()> {
-        match self.session.take() {
-            Some(s) => s.umount_and_join(),
-            None => Ok(()),
-        }
+        self.detach()
+    }
+
+    fn detach(&mut self) -> std::io::Result<()> {
+        let Some(session) = self.session.take() else {
+            return Ok(());
+        };
+        let r = rustix::mount::unmount(&self.mountpoint, rustix::mount::UnmountFlags::DETACH)
+            .map_err(std::io::Error::from);
+        // Not joined: its thread serves until the last user lets go.
+        drop(session);
+        r
     }
 }
 
 impl Drop for Mounted {
     fn drop(&mut self) {
-        if let Some(s) = self.session.take() {
-            if let Err(e) = s.umount_and_join() {
-                tracing::warn!(error = %e, "unmounting a lazy layer failed");
-            }
+        if let Err(e) = self.detach() {
+            tracing::warn!(mount = %self.mountpoint.display(), error = %e, "unmounting a lazy layer failed");
         }
     }
 }
@@ -355,5 +364,6 @@ pub fn mount(fs: LayerFs, mountpoint: &Path, name: &str) -> std::io::Result<Moun
     let session = fuser::spawn_mount(fs, mountpoint, &cfg)?;
     Ok(Mounted {
         session: Some(session),
+        mountpoint: mountpoint.to_path_buf(),
     })
 }

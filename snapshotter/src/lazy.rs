@@ -54,6 +54,21 @@ pub struct Lazy {
     /// a second (`None`: not at all).
     background: Option<u64>,
     mounts: Mutex<HashMap<u64, (Mounted, Arc<Layer>)>>,
+    /// Lazy layers that could not be mounted again after a restart.
+    broken: Mutex<std::collections::HashSet<u64>>,
+}
+
+/// Where a lazy layer's TOC is kept, in its snapshot directory.
+pub const KEPT_TOC: &str = "toc.gz";
+
+/// The first line of [`KEPT_TOC`].
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Kept {
+    image: String,
+    layer: String,
+    toc_digest: String,
+    toc_offset: u64,
+    footer_size: u64,
 }
 
 /// Range reads of one blob through strata's registry client.
@@ -99,6 +114,7 @@ impl Lazy {
             prefetch,
             background,
             mounts: Mutex::new(HashMap::new()),
+            broken: Mutex::new(std::collections::HashSet::new()),
         }
     }
 
@@ -144,16 +160,31 @@ impl Lazy {
             .map_err(failed("fetching the footer"))?;
         let footer = Footer::parse(&tail, size).map_err(|e| LazyError::NotLazy(e.to_string()))?;
         let toc_len = size - footer.size - footer.toc_offset;
+        if toc_len > strata_lazy::estargz::MAX_TOC_GZ_BYTES {
+            return Err(LazyError::NotLazy(format!(
+                "the TOC would be {toc_len} bytes (at most {} are read)",
+                strata_lazy::estargz::MAX_TOC_GZ_BYTES
+            )));
+        }
         let toc_gz = rt
             .block_on(client.fetch_range(&req.image, &req.layer, footer.toc_offset, toc_len))
             .map_err(failed("fetching the TOC"))?;
         let toc = Toc::parse(&toc_gz, footer, Some(&toc_digest))
             .map_err(|e| LazyError::NotLazy(e.to_string()))?;
-        // Kept for a restart: the footer's offset, then the TOC member.
-        let mut kept = footer.toc_offset.to_le_bytes().to_vec();
-        kept.extend_from_slice(&footer.size.to_le_bytes());
+        // Kept for a restart, with what it needs (labels can be changed by
+        // any client; this file only by strata): a JSON line, then the TOC.
+        let head = Kept {
+            image: req.image.to_string(),
+            layer: req.layer.to_string(),
+            toc_digest: toc_digest.clone(),
+            toc_offset: footer.toc_offset,
+            footer_size: footer.size,
+        };
+        let mut kept = serde_json::to_vec(&head)
+            .map_err(|e| LazyError::Failed(format!("keeping the TOC: {e}")))?;
+        kept.push(b'\n');
         kept.extend_from_slice(&toc_gz);
-        write_synced(&dir.join("toc.gz"), &kept)
+        write_synced(&dir.join(KEPT_TOC), &kept)
             .map_err(|e| LazyError::Failed(format!("keeping the TOC: {e}")))?;
         let layer = self.mount_toc(id, toc, req, dir, lowers, userxattr)?;
         if self.prefetch && layer.toc().prefetch_end > 0 {
@@ -190,7 +221,14 @@ impl Lazy {
             image: req.image.clone(),
             digest: req.layer.clone(),
         });
-        let layer = Arc::new(Layer::new(Arc::new(toc), reader, self.cache.clone()));
+        // Chunks are shared in the cache within one repository only.
+        let scope = format!("{}/{}", req.image.registry(), req.image.repository());
+        let layer = Arc::new(Layer::new(
+            Arc::new(toc),
+            reader,
+            self.cache.clone(),
+            &scope,
+        ));
         let m = mount(
             LayerFs::new(layer.clone(), userxattr),
             &dir.join("fs"),
@@ -201,45 +239,59 @@ impl Lazy {
         Ok(layer)
     }
 
-    /// Mounts a lazy layer recorded before a restart, from its kept TOC.
+    /// Mounts a lazy layer recorded before a restart, from its kept TOC
+    /// (`<dir>/toc.gz`, checked against its digest again).
     pub fn remount(
         &self,
         id: u64,
-        labels: &Labels,
         dir: &Path,
         lowers: &[PathBuf],
         userxattr: bool,
     ) -> Result<(), LazyError> {
-        let req = match LayerRequest::from_labels(labels) {
-            Some(Ok(r)) => r,
-            _ => {
-                return Err(LazyError::Failed(
-                    "the record lacks its layer labels".into(),
-                ))
-            }
-        };
-        let toc_digest = labels
-            .get(TOC_DIGEST_ANNOTATION)
-            .ok_or_else(|| LazyError::Failed("the record lacks its TOC digest".into()))?;
-        let kept = std::fs::read(dir.join("toc.gz"))
+        let kept = std::fs::read(dir.join(KEPT_TOC))
             .map_err(|e| LazyError::Failed(format!("reading the kept TOC: {e}")))?;
-        if kept.len() < 16 {
-            return Err(LazyError::Failed("the kept TOC is damaged".into()));
-        }
-        let mut off = [0u8; 8];
-        off.copy_from_slice(&kept[..8]);
-        let mut fsz = [0u8; 8];
-        fsz.copy_from_slice(&kept[8..16]);
-        let footer = Footer {
-            toc_offset: u64::from_le_bytes(off),
-            size: u64::from_le_bytes(fsz),
+        let nl = kept
+            .iter()
+            .position(|&b| b == b'\n')
+            .ok_or_else(|| LazyError::Failed("the kept TOC is damaged".into()))?;
+        let head: Kept = serde_json::from_slice(&kept[..nl])
+            .map_err(|e| LazyError::Failed(format!("the kept TOC is damaged: {e}")))?;
+        let req = LayerRequest {
+            target: String::new(),
+            image: Reference::parse(&head.image)
+                .map_err(|e| LazyError::Failed(format!("kept image {:?}: {e}", head.image)))?,
+            layer: head
+                .layer
+                .parse()
+                .map_err(|e| LazyError::Failed(format!("kept layer {:?}: {e}", head.layer)))?,
+            manifest: None,
+            keep_blob: false,
         };
-        // Checked against the recorded digest, as when it was fetched.
-        let toc = Toc::parse(&kept[16..], footer, Some(toc_digest))
+        let footer = Footer {
+            toc_offset: head.toc_offset,
+            size: head.footer_size,
+        };
+        let toc = Toc::parse(&kept[nl + 1..], footer, Some(&head.toc_digest))
             .map_err(|e| LazyError::Failed(e.to_string()))?;
         let layer = self.mount_toc(id, toc, &req, dir, lowers, userxattr)?;
         self.start_background(&layer, &req.layer);
         Ok(())
+    }
+
+    /// Marks snapshot `id` as a lazy layer that could not be mounted: no
+    /// snapshot on it gets mounts (an empty directory in its place would
+    /// be a wrong filesystem).
+    pub fn mark_broken(&self, id: u64) {
+        self.broken
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id);
+    }
+
+    /// The first of `ids` that is a lazy layer that could not be mounted.
+    pub fn broken_among(&self, ids: &[u64]) -> Option<u64> {
+        let b = self.broken.lock().unwrap_or_else(|p| p.into_inner());
+        ids.iter().copied().find(|i| b.contains(i))
     }
 
     /// Fetches the rest of `layer` on a thread of its own, if configured.

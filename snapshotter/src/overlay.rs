@@ -26,7 +26,7 @@ use tokio::sync::mpsc;
 use crate::ahead::{Ahead, Outcome, UNCLAIMED_TTL};
 use crate::du::disk_usage;
 use crate::error::{Error, Result};
-use crate::lazy::{Lazy, LAZY_LABEL};
+use crate::lazy::{Lazy, KEPT_TOC};
 use crate::meta::MetaStore;
 use crate::remote::{
     chain_id, LayerRequest, RemoteError, Unpacker, KEPT_BLOB_LABEL, TARGET_REF, UNPACKED_LABEL,
@@ -261,12 +261,10 @@ impl OverlaySnapshotter {
                 lazy,
             }),
         };
-        if s.inner.lazy.is_some() {
-            // Before Cleanup looks at the directories: a crashed run's FUSE
-            // mounts answer ENOTCONN until detached.
-            crate::lazy::detach_stale_mounts(&s.inner.root);
-            s.inner.remount_lazy()?;
-        }
+        // Before Cleanup looks at the directories: a crashed run's FUSE
+        // mounts answer ENOTCONN until detached.
+        crate::lazy::detach_stale_mounts(&s.inner.root);
+        s.inner.remount_lazy()?;
         let inner = s.inner.clone();
         std::thread::Builder::new()
             .name("strata-cleanup".into())
@@ -399,6 +397,7 @@ impl Inner {
         }
         let pending = self.meta.begin_create(kind, key, parent, labels)?;
         let rec = pending.record().clone();
+        self.check_lazy(&rec)?;
         self.make_dirs(
             rec.id,
             kind == Kind::Active,
@@ -686,30 +685,56 @@ impl Inner {
         }
     }
 
-    /// Mounts the lazy layers recorded before a restart, parents first.
+    /// Mounts the lazy layers recorded before a restart (the committed
+    /// snapshots with a kept TOC), parents first. One that cannot be
+    /// mounted is marked broken: no snapshot on it gets mounts.
     fn remount_lazy(&self) -> Result<()> {
-        let Some(lazy) = &self.lazy else {
-            return Ok(());
-        };
         let mut recs: Vec<Record> = Vec::new();
         self.meta.walk(|_, rec| {
-            if rec.labels.contains_key(LAZY_LABEL) {
+            if rec.kind() == Kind::Committed && self.dir(rec.id).join(KEPT_TOC).exists() {
                 recs.push(rec);
             }
             true
         })?;
+        let Some(lazy) = &self.lazy else {
+            if let Some(r) = recs.first() {
+                return Err(Error::FailedPrecondition(format!(
+                    "snapshotter root {} holds lazily mounted layers (snapshot id {}): it needs lazy = true",
+                    self.root.display(),
+                    r.id
+                )));
+            }
+            return Ok(());
+        };
         recs.sort_by_key(|r| r.parent_ids.len());
         let userxattr = self.base_options.iter().any(|o| o == "userxattr");
         for r in recs {
             let lowers: Vec<PathBuf> = r.parent_ids.iter().map(|i| self.upper(*i)).collect();
-            match lazy.remount(r.id, &r.labels, &self.dir(r.id), &lowers, userxattr) {
+            match lazy.remount(r.id, &self.dir(r.id), &lowers, userxattr) {
                 Ok(()) => tracing::info!(id = r.id, "lazy layer mounted again"),
                 Err(e) => {
-                    tracing::error!(id = r.id, error = %e, "a lazy layer could not be mounted again: its files are missing")
+                    lazy.mark_broken(r.id);
+                    tracing::error!(id = r.id, error = %e, "a lazy layer could not be mounted again: snapshots on it get no mounts; remove the image and pull it again")
                 }
             }
         }
         Ok(())
+    }
+
+    /// FailedPrecondition if the snapshot or a layer under it is a lazy
+    /// layer that could not be mounted.
+    fn check_lazy(&self, rec: &Record) -> Result<()> {
+        let Some(lazy) = &self.lazy else {
+            return Ok(());
+        };
+        let mut ids = vec![rec.id];
+        ids.extend(&rec.parent_ids);
+        match lazy.broken_among(&ids) {
+            Some(id) => Err(Error::FailedPrecondition(format!(
+                "lazy layer (snapshot id {id}) could not be mounted after a restart (see strata's log): remove the image and pull it again"
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// Starts jobs for the layers of `req`'s image above it that are not
@@ -885,6 +910,7 @@ impl Snapshotter for OverlaySnapshotter {
                 "snapshot {key:?} is committed: only active and view snapshots have mounts"
             )));
         }
+        self.inner.check_lazy(&rec)?;
         Ok(self.inner.mounts(&rec))
     }
 
