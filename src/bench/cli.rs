@@ -71,6 +71,24 @@ pub enum BenchCmd {
         #[arg(long, default_value_t = 2)]
         rounds: usize,
     },
+    /// Lazy pulling: time to a container's first output from a language
+    /// runtime image on containerd's overlayfs, its eStargz conversion on
+    /// strata-lazy and on stargz-snapshotter's stargzd; bytes fetched, CPU,
+    /// peak memory, warm start, cached sequential read.
+    Lazy {
+        /// Where the started daemons keep their state.
+        #[arg(long, default_value = "/var/tmp")]
+        workdir: PathBuf,
+        /// Also write the report as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Image size, MiB, before compression.
+        #[arg(long, default_value_t = 256)]
+        mib: usize,
+        /// Rounds (alternating between configurations).
+        #[arg(long, default_value_t = 2)]
+        rounds: usize,
+    },
     /// Pull + run an image through a real containerd with its built-ins,
     /// with refproxy (if given) and with strata: seconds, bytes fetched, CPU
     /// seconds, peak memory.
@@ -367,6 +385,16 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
             }
             r.rows = pull::run(&configs, &daemons.workdir, image, mib, rounds)?;
             finish(&r, &daemons.json)
+        }
+        BenchCmd::Lazy {
+            workdir,
+            json,
+            mib,
+            rounds,
+        } => {
+            let mut r = report(&workdir, 64)?;
+            r.rows = super::lazy::run(&workdir, mib, rounds)?;
+            finish(&r, &json)
         }
         BenchCmd::Scaling {
             daemons,

@@ -9,6 +9,7 @@
 
 pub mod cli;
 pub mod content;
+pub mod lazy;
 pub mod machine;
 pub mod pull;
 pub mod scaling;

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 
 /// Finds a program on the PATH, or says which package brings it.
 pub fn which(program: &str, package: &str) -> Result<PathBuf> {
@@ -580,6 +580,66 @@ impl Containerd {
         let mut a = vec!["run", "--rm", "--snapshotter", snapshotter, reference, id];
         a.extend_from_slice(args);
         self.ctr(&a)
+    }
+
+    /// Mounts a read-only view of committed `snapshot` at `target` (a
+    /// new directory) through `ctr snapshots view --mounts`; undo with
+    /// [`Containerd::unmount_view`].
+    pub fn mount_view(
+        &mut self,
+        snapshotter: &str,
+        snapshot: &str,
+        key: &str,
+        target: &Path,
+    ) -> Result<()> {
+        let out = self.ctr(&[
+            "snapshots",
+            "--snapshotter",
+            snapshotter,
+            "view",
+            "--mounts",
+            key,
+            snapshot,
+        ])?;
+        let mounts: Vec<serde_json::Value> = serde_json::from_str(&out)
+            .with_context(|| format!("ctr snapshots view --mounts printed {out:?}"))?;
+        let m = mounts.first().context("no mounts for the view")?;
+        // ctr prints containerd's mount.Mount, whose fields carry no JSON tags.
+        let field = |k: &str| {
+            let upper = format!("{}{}", k[..1].to_uppercase(), &k[1..]);
+            m.get(k)
+                .or_else(|| m.get(upper.as_str()))
+                .cloned()
+                .unwrap_or_default()
+        };
+        let kind = field("type").as_str().unwrap_or_default().to_string();
+        let source = field("source").as_str().unwrap_or_default().to_string();
+        let options: Vec<String> = field("options")
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|o| o.as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default();
+        std::fs::create_dir_all(target)?;
+        let status = Command::new("mount")
+            .arg("-t")
+            .arg(&kind)
+            .arg("-o")
+            .arg(options.join(","))
+            .arg(&source)
+            .arg(target)
+            .status()?;
+        ensure!(status.success(), "mount {kind} {source} {options:?} failed");
+        Ok(())
+    }
+
+    /// Unmounts a view made by [`Containerd::mount_view`] and removes it.
+    pub fn unmount_view(&mut self, snapshotter: &str, key: &str, target: &Path) -> Result<()> {
+        let _ = Command::new("umount").arg(target).status();
+        self.ctr(&["snapshots", "--snapshotter", snapshotter, "rm", key])?;
+        Ok(())
     }
 
     /// [`Containerd::ctr`], with stdout as bytes.
