@@ -56,6 +56,59 @@ pub struct Lazy {
     mounts: Mutex<HashMap<u64, (Mounted, Arc<Layer>)>>,
     /// Lazy layers that could not be mounted again after a restart.
     broken: Mutex<std::collections::HashSet<u64>>,
+    /// Layers waiting for the background fetch.
+    queue: Arc<Mutex<Queue>>,
+}
+
+/// How long the background fetch waits after the last mount.
+pub const BACKGROUND_DELAY: std::time::Duration = std::time::Duration::from_secs(2);
+
+struct Queue {
+    layers: std::collections::VecDeque<(Arc<Layer>, String)>,
+    last_mount: std::time::Instant,
+    running: bool,
+}
+
+/// Fetches the queued layers one at a time, then ends.
+fn background_worker(queue: Arc<Mutex<Queue>>, rate: u64) {
+    loop {
+        let next = {
+            let mut q = queue.lock().unwrap_or_else(|p| p.into_inner());
+            if q.last_mount.elapsed() < BACKGROUND_DELAY {
+                None
+            } else {
+                match q.layers.pop_front() {
+                    Some(l) => Some(l),
+                    None => {
+                        q.running = false;
+                        return;
+                    }
+                }
+            }
+        };
+        let Some((layer, digest)) = next else {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            continue;
+        };
+        if layer.is_cancelled() {
+            continue;
+        }
+        let t = std::time::Instant::now();
+        match layer.fetch_all(8 << 20, rate) {
+            Ok(n) if layer.is_cancelled() => {
+                tracing::info!(layer = %digest, chunks = n, "background fetch stopped: the layer was removed")
+            }
+            Ok(n) => tracing::info!(
+                layer = %digest,
+                chunks = n,
+                ms = t.elapsed().as_millis() as u64,
+                "fetched the whole layer in the background"
+            ),
+            Err(e) => {
+                tracing::warn!(layer = %digest, error = %e, "background fetch failed; files are fetched when read")
+            }
+        }
+    }
 }
 
 /// Where a lazy layer's TOC is kept, in its snapshot directory.
@@ -115,6 +168,11 @@ impl Lazy {
             background,
             mounts: Mutex::new(HashMap::new()),
             broken: Mutex::new(std::collections::HashSet::new()),
+            queue: Arc::new(Mutex::new(Queue {
+                layers: std::collections::VecDeque::new(),
+                last_mount: std::time::Instant::now(),
+                running: false,
+            })),
         }
     }
 
@@ -294,32 +352,28 @@ impl Lazy {
         ids.iter().copied().find(|i| b.contains(i))
     }
 
-    /// Fetches the rest of `layer` on a thread of its own, if configured.
+    /// Queues `layer` for the background fetch, if configured: one thread
+    /// for all layers (so the rate is the whole snapshotter's), which waits
+    /// until no layer was mounted for [`BACKGROUND_DELAY`] (a pull and its
+    /// container's start come first) and then fetches one layer at a time.
     fn start_background(&self, layer: &Arc<Layer>, digest: &Digest) {
         let Some(rate) = self.background else {
             return;
         };
-        let (layer, digest) = (layer.clone(), digest.to_string());
+        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        q.last_mount = std::time::Instant::now();
+        q.layers.push_back((layer.clone(), digest.to_string()));
+        if q.running {
+            return;
+        }
+        q.running = true;
+        drop(q);
+        let queue = self.queue.clone();
         let spawned = std::thread::Builder::new()
             .name("strata-lazy-fetch".into())
-            .spawn(move || {
-                let t = std::time::Instant::now();
-                match layer.fetch_all(8 << 20, rate) {
-                    Ok(n) if layer.is_cancelled() => {
-                        tracing::info!(layer = %digest, chunks = n, "background fetch stopped: the layer was removed")
-                    }
-                    Ok(n) => tracing::info!(
-                        layer = %digest,
-                        chunks = n,
-                        ms = t.elapsed().as_millis() as u64,
-                        "fetched the whole layer in the background"
-                    ),
-                    Err(e) => {
-                        tracing::warn!(layer = %digest, error = %e, "background fetch failed; files are fetched when read")
-                    }
-                }
-            });
+            .spawn(move || background_worker(queue, rate));
         if let Err(e) = spawned {
+            self.queue.lock().unwrap_or_else(|p| p.into_inner()).running = false;
             tracing::warn!(error = %e, "no background fetch thread");
         }
     }
