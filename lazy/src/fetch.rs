@@ -237,6 +237,10 @@ struct InFlight {
 /// Decoded chunks kept in memory per layer.
 const RECENT_CHUNKS: usize = 4;
 
+/// A read that misses fetches the chunks after its own in the blob too, up
+/// to this many compressed bytes in one range request.
+pub const READ_WINDOW: u64 = 1 << 20;
+
 /// The last chunks read, by digest.
 type Recent = std::collections::VecDeque<([u8; 32], Arc<Vec<u8>>)>;
 
@@ -272,6 +276,8 @@ pub struct Layer {
     /// chunk in 128 KiB pieces read and check it once.
     recent: Mutex<Recent>,
     fetched: AtomicU64,
+    /// Every chunk by where it starts in the blob: (offset, node, index).
+    order: Vec<(u64, usize, usize)>,
     /// Chunks being fetched, by digest: one fetch however many readers.
     inflight: Mutex<HashMap<[u8; 32], Arc<InFlight>>>,
     /// Set when the layer goes: background work stops.
@@ -287,6 +293,19 @@ impl Layer {
         cache: Arc<ChunkCache>,
         scope: &str,
     ) -> Layer {
+        let mut order: Vec<(u64, usize, usize)> = toc
+            .nodes
+            .iter()
+            .enumerate()
+            .flat_map(|(n, node)| {
+                node.chunks
+                    .iter()
+                    .enumerate()
+                    .map(move |(i, c)| (c.blob_offset, n, i))
+            })
+            .collect();
+        order.sort_unstable();
+        order.dedup_by_key(|e| e.0);
         Layer {
             toc,
             reader,
@@ -295,6 +314,7 @@ impl Layer {
             recent: Mutex::new(std::collections::VecDeque::new()),
             fetched: AtomicU64::new(0),
             inflight: Mutex::new(HashMap::new()),
+            order,
             cancelled: std::sync::atomic::AtomicBool::new(false),
         }
     }
@@ -383,9 +403,16 @@ impl Layer {
 
     fn fetch_verified(&self, node: usize, c: &Chunk) -> Result<Vec<u8>, FetchError> {
         let path = self.toc.path(node);
+        // First with its neighbours (small files come in runs: one range
+        // request for up to READ_WINDOW of them), then once more alone.
+        let gz_window = self.fetch_window(c)?;
+        let mut first = Some(gz_window);
         let mut tries = 0;
         loop {
-            let gz = self.fetch(&path, c)?;
+            let gz = match first.take() {
+                Some(g) => g,
+                None => self.fetch(&path, c)?,
+            };
             match self.toc.decode_chunk(&path, c, &gz) {
                 Ok(data) => {
                     self.cache
@@ -402,6 +429,56 @@ impl Layer {
                 }
             }
         }
+    }
+
+    /// Fetches `c` together with the uncached chunks that follow it in the
+    /// blob, up to [`READ_WINDOW`] bytes in one range request; caches the
+    /// neighbours that pass their check and returns `c`'s compressed bytes.
+    fn fetch_window(&self, c: &Chunk) -> Result<Vec<u8>, FetchError> {
+        let start = c.blob_offset;
+        let at = self.order.partition_point(|&(o, _, _)| o < start);
+        let mut end = c.blob_end;
+        let mut members: Vec<(usize, usize)> = Vec::new();
+        for &(o, n, i) in self.order.iter().skip(at + 1) {
+            let next = &self.toc.nodes[n].chunks[i];
+            if o != end
+                || next.blob_end - start > READ_WINDOW
+                || self
+                    .cache
+                    .contains(&ChunkCache::key(&self.scope, &next.digest))
+            {
+                break;
+            }
+            end = next.blob_end;
+            members.push((n, i));
+        }
+        let bytes = self
+            .reader
+            .read_range(start, end - start)
+            .map_err(|source| FetchError::Io {
+                path: String::new(),
+                offset: c.file_offset,
+                source,
+            })?;
+        self.fetched
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        for (n, i) in members {
+            let nc = &self.toc.nodes[n].chunks[i];
+            let (lo, hi) = (
+                (nc.blob_offset - start) as usize,
+                (nc.blob_end - start) as usize,
+            );
+            let p = self.toc.path(n);
+            if let Some(Ok(data)) = bytes
+                .get(lo..hi)
+                .map(|gz| self.toc.decode_chunk(&p, nc, gz))
+            {
+                self.cache
+                    .put(&ChunkCache::key(&self.scope, &nc.digest), &data);
+            }
+        }
+        let own = (c.blob_end - start) as usize;
+        Ok(bytes.get(..own).map(<[u8]>::to_vec).unwrap_or_default())
     }
 
     /// Stops background work on this layer (it is going away).
