@@ -247,7 +247,16 @@ pub fn run(workdir: &Path, mib: usize, rounds: usize) -> Result<Vec<OpStats>> {
     let tmp = tempfile::Builder::new()
         .prefix("strata-bench-lazy")
         .tempdir_in(workdir)?;
-    let dir = tmp.path();
+    // STRATA_BENCH_KEEP=1 keeps the daemons' logs and state for a look.
+    if std::env::var_os("STRATA_BENCH_KEEP").is_some() {
+        let kept = tmp.keep();
+        eprintln!("keeping {}", kept.display());
+        return run_in(&kept, mib, rounds, &bins);
+    }
+    run_in(tmp.path(), mib, rounds, &bins)
+}
+
+fn run_in(dir: &Path, mib: usize, rounds: usize, bins: &Path) -> Result<Vec<OpStats>> {
     let mut registry = Registry::start(&dir.join("registry"))?;
     let img = runtime_image(mib)?;
     let written = img.write_layout(&dir.join("oci"), "v1")?;
@@ -326,7 +335,7 @@ pub fn run(workdir: &Path, mib: usize, rounds: usize) -> Result<Vec<OpStats>> {
                 &plain,
                 &esgz,
                 (&plain_top, &esgz_top),
-                &bins,
+                bins,
                 &largest,
             )
             .with_context(|| format!("lazy bench with {}", c.name()))?;
