@@ -435,23 +435,31 @@ impl Layer {
     /// blob, up to [`READ_WINDOW`] bytes in one range request; caches the
     /// neighbours that pass their check and returns `c`'s compressed bytes.
     fn fetch_window(&self, c: &Chunk) -> Result<Vec<u8>, FetchError> {
-        let start = c.blob_offset;
-        let at = self.order.partition_point(|&(o, _, _)| o < start);
-        let mut end = c.blob_end;
+        let at = self.order.partition_point(|&(o, _, _)| o < c.blob_offset);
+        let uncached = |d: &[u8; 32]| !self.cache.contains(&ChunkCache::key(&self.scope, d));
+        // Files are read in directory order, not blob order: take the
+        // uncached chunks before this one too (half the window), then after.
+        let mut start = c.blob_offset;
         let mut members: Vec<(usize, usize)> = Vec::new();
+        for &(o, n, i) in self.order[..at].iter().rev() {
+            let prev = &self.toc.nodes[n].chunks[i];
+            if prev.blob_end != start || c.blob_end - o > READ_WINDOW / 2 || !uncached(&prev.digest)
+            {
+                break;
+            }
+            start = o;
+            members.push((n, i));
+        }
+        let mut end = c.blob_end;
         for &(o, n, i) in self.order.iter().skip(at + 1) {
             let next = &self.toc.nodes[n].chunks[i];
-            if o != end
-                || next.blob_end - start > READ_WINDOW
-                || self
-                    .cache
-                    .contains(&ChunkCache::key(&self.scope, &next.digest))
-            {
+            if o != end || next.blob_end - start > READ_WINDOW || !uncached(&next.digest) {
                 break;
             }
             end = next.blob_end;
             members.push((n, i));
         }
+        let t = std::time::Instant::now();
         let bytes = self
             .reader
             .read_range(start, end - start)
@@ -460,8 +468,11 @@ impl Layer {
                 offset: c.file_offset,
                 source,
             })?;
+        let fetch_us = t.elapsed().as_micros() as u64;
         self.fetched
             .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        let t = std::time::Instant::now();
+        let neighbours = members.len();
         for (n, i) in members {
             let nc = &self.toc.nodes[n].chunks[i];
             let (lo, hi) = (
@@ -477,8 +488,19 @@ impl Layer {
                     .put(&ChunkCache::key(&self.scope, &nc.digest), &data);
             }
         }
-        let own = (c.blob_end - start) as usize;
-        Ok(bytes.get(..own).map(<[u8]>::to_vec).unwrap_or_default())
+        tracing::debug!(
+            offset = start,
+            bytes = bytes.len(),
+            neighbours,
+            fetch_us,
+            cache_us = t.elapsed().as_micros() as u64,
+            "read miss fetched"
+        );
+        let (lo, hi) = (
+            (c.blob_offset - start) as usize,
+            (c.blob_end - start) as usize,
+        );
+        Ok(bytes.get(lo..hi).map(<[u8]>::to_vec).unwrap_or_default())
     }
 
     /// Stops background work on this layer (it is going away).

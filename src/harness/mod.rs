@@ -324,6 +324,10 @@ impl CountingProxy {
                     let Ok(server) = TcpStream::connect(&up) else {
                         continue;
                     };
+                    // No Nagle: small responses would wait for delayed ACKs
+                    // (40 ms each) and the proxy would measure itself.
+                    let _ = client.set_nodelay(true);
+                    let _ = server.set_nodelay(true);
                     let (Ok(mut c2), Ok(mut s2)) = (client.try_clone(), server.try_clone()) else {
                         continue;
                     };
