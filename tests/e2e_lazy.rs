@@ -11,29 +11,11 @@
 
 mod common;
 
-use std::process::Command;
-
 use anyhow::{ensure, Context, Result};
-use strata::harness::{image, run, Containerd, ContainerdSetup, CountingProxy, Registry, Strata};
+use strata::harness::{
+    image, Containerd, ContainerdSetup, CountingProxy, Registry, RegistryImage, Strata,
+};
 use strata_lazy::estargz::{Footer, Toc};
-
-fn strata_pull(cd: &Containerd, reference: &str) -> Result<String> {
-    let out = run(Command::new(common::strata_bin()).args([
-        "pull",
-        "-a",
-        &cd.socket.display().to_string(),
-        "-n",
-        "strata",
-        "--snapshotter",
-        "strata-lazy",
-        reference,
-    ]))?;
-    Ok(format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    ))
-}
 
 #[test]
 fn estargz_images_run_from_lazy_mounts() -> Result<()> {
@@ -64,25 +46,9 @@ fn estargz_images_run_from_lazy_mounts() -> Result<()> {
         &["image", "convert", "--estargz", "--oci", &reference, &esgz],
     )?;
     builtin.ctr(&["image", "push", "--plain-http", &esgz])?;
-    let (esgz_size, esgz_top, top_layer): (u64, String, (String, u64)) = {
-        let rt = tokio::runtime::Runtime::new()?;
-        let mut cfg = strata_registry::ClientConfig::default();
-        cfg.plain_http = true;
-        let client = strata_registry::Client::new(cfg)?;
-        let r = strata_registry::Reference::parse(&esgz)?;
-        let m = rt.block_on(client.resolve(&r, &strata_registry::Platform::host()))?;
-        let diff_ids = m.config.value.rootfs().diff_ids().clone();
-        let layers = m.manifest.value.layers();
-        let last = layers.last().map(|l| (l.digest().to_string(), l.size()));
-        (
-            layers.iter().map(|l| l.size()).sum(),
-            strata::pull::chain_ids(&diff_ids)
-                .last()
-                .cloned()
-                .unwrap_or_default(),
-            last.unwrap_or_default(),
-        )
-    };
+    let pushed = RegistryImage::resolve(&esgz)?;
+    let (esgz_size, esgz_top) = (pushed.size(), pushed.top_chain_id.clone());
+    let top_layer = pushed.layers.last().cloned().unwrap_or_default();
     let theirs = common::view_tree(&mut builtin, "overlayfs", &top, dir)?;
     builtin.stop()?;
 
@@ -100,7 +66,7 @@ fn estargz_images_run_from_lazy_mounts() -> Result<()> {
         &ContainerdSetup::strata(&strata.socket),
     )?;
 
-    let out = strata_pull(&cd, &lazy_ref)?;
+    let out = common::strata_pull(&cd, "strata-lazy", &lazy_ref)?;
     ensure!(
         out.contains("4 layers, 0 unpacked by strata-lazy, 4 mounted lazily"),
         "every layer should be mounted lazily:\n{out}\nstrata's log:\n{}",
@@ -226,7 +192,7 @@ fn estargz_images_run_from_lazy_mounts() -> Result<()> {
 
     // A plain gzip image on strata-lazy: unpacked, not mounted.
     let plain = reference.replace(&registry.addr, &proxy.addr);
-    let out = strata_pull(&cd, &plain)?;
+    let out = common::strata_pull(&cd, "strata-lazy", &plain)?;
     ensure!(
         out.contains("4 layers, 4 unpacked by strata-lazy, 4 blobs in content"),
         "a plain gzip image falls back to unpacking:\n{out}"

@@ -9,31 +9,11 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Result};
 use sha2::Digest;
-use strata::harness::{image, run, Containerd, ContainerdSetup, Registry, Strata};
-
-fn strata_pull(cd: &Containerd, reference: &str) -> Result<String> {
-    let out = run(Command::new(common::strata_bin()).args([
-        "pull",
-        "-a",
-        &cd.socket.display().to_string(),
-        // The harness's ctr works in this namespace.
-        "-n",
-        "strata",
-        "--snapshotter",
-        "strata",
-        reference,
-    ]))?;
-    Ok(format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    ))
-}
+use strata::harness::{image, Containerd, ContainerdSetup, Registry, Strata};
 
 #[test]
 fn strata_pull_unpacks_layers_itself_and_the_tree_is_containerds() -> Result<()> {
@@ -56,7 +36,7 @@ fn strata_pull_unpacks_layers_itself_and_the_tree_is_containerds() -> Result<()>
         &ContainerdSetup::strata(&strata.socket),
     )?;
 
-    let out = strata_pull(&cd, &reference)?;
+    let out = common::strata_pull(&cd, "strata", &reference)?;
     ensure!(
         out.contains("3 layers, 3 unpacked by strata"),
         "every layer should go through strata's fast path:\n{out}"
@@ -185,7 +165,7 @@ fn strata_pull_unpacks_layers_itself_and_the_tree_is_containerds() -> Result<()>
     );
 
     // A second pull finds every layer unpacked.
-    let out = strata_pull(&cd, &reference)?;
+    let out = common::strata_pull(&cd, "strata", &reference)?;
     ensure!(
         out.contains("already unpacked") && out.contains("3 layers, 0 unpacked by strata, 3 blobs"),
         "{out}"

@@ -442,18 +442,23 @@ fn id(v: i64, what: &str, name: &str) -> Result<u32> {
 
 /// SHA-256 digest text → bytes.
 fn parse_sha256(d: &str) -> Option<[u8; 32]> {
-    let hex = d.strip_prefix("sha256:")?;
-    if hex.len() != 64 {
+    parse_hex32(d.strip_prefix("sha256:")?)
+}
+
+/// 64 hex digits → 32 bytes.
+pub(crate) fn parse_hex32(s: &str) -> Option<[u8; 32]> {
+    if s.len() != 64 {
         return None;
     }
     let mut out = [0u8; 32];
     for (i, o) in out.iter_mut().enumerate() {
-        *o = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+        *o = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
     }
     Some(out)
 }
 
-fn hex(b: &[u8]) -> String {
+/// Bytes → lowercase hex.
+pub(crate) fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
@@ -829,6 +834,26 @@ impl Toc {
         changed
     }
 
+    /// What a walk of the mounted layer counts (containerd's
+    /// `fs.DiskUsage`): 512-byte blocks of every node reachable from the
+    /// root, hard links once, and their number; from the tree, without a
+    /// walk through FUSE.
+    pub fn usage(&self) -> (u64, u64) {
+        let mut seen = vec![false; self.nodes.len()];
+        let (mut bytes, mut inodes) = (0u64, 0u64);
+        let mut stack = vec![0usize];
+        while let Some(i) = stack.pop() {
+            if std::mem::replace(&mut seen[i], true) {
+                continue;
+            }
+            let n = &self.nodes[i];
+            inodes += 1;
+            bytes += n.size.div_ceil(512) * 512;
+            stack.extend(n.children.values().copied());
+        }
+        (bytes, inodes)
+    }
+
     /// The node at a clean relative path.
     pub fn lookup(&self, path: &str) -> Option<usize> {
         let mut cur = 0;
@@ -872,6 +897,12 @@ impl Toc {
         parts.reverse();
         parts.join("/")
     }
+}
+
+/// A bare node, for the crate's tests.
+#[cfg(test)]
+pub(crate) fn tests_node(name: &str, kind: Kind) -> Node {
+    Node::new(0, name.to_string(), kind)
 }
 
 #[cfg(test)]

@@ -17,16 +17,12 @@ use std::sync::{Arc, Mutex};
 
 use sha2::{Digest as _, Sha256};
 
-use crate::estargz::{Chunk, Toc};
+use crate::estargz::{hex, parse_hex32, Chunk, Toc};
 
 /// Reads byte ranges of one layer blob (HTTP range requests, in strata).
 pub trait RangeReader: Send + Sync {
     /// `len` bytes from `offset`.
     fn read_range(&self, offset: u64, len: u64) -> std::io::Result<Vec<u8>>;
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 struct CacheState {
@@ -196,17 +192,6 @@ impl ChunkCache {
     pub fn size(&self) -> u64 {
         self.lock().total
     }
-}
-
-fn parse_hex32(s: &str) -> Option<[u8; 32]> {
-    if s.len() != 64 {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (i, o) in out.iter_mut().enumerate() {
-        *o = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(out)
 }
 
 /// Why a chunk could not be served.
@@ -473,21 +458,7 @@ impl Layer {
             .fetch_add(bytes.len() as u64, Ordering::Relaxed);
         let t = std::time::Instant::now();
         let neighbours = members.len();
-        for (n, i) in members {
-            let nc = &self.toc.nodes[n].chunks[i];
-            let (lo, hi) = (
-                (nc.blob_offset - start) as usize,
-                (nc.blob_end - start) as usize,
-            );
-            let p = self.toc.path(n);
-            if let Some(Ok(data)) = bytes
-                .get(lo..hi)
-                .map(|gz| self.toc.decode_chunk(&p, nc, gz))
-            {
-                self.cache
-                    .put(&ChunkCache::key(&self.scope, &nc.digest), &data);
-            }
-        }
+        self.cache_run(&bytes, start, &members);
         tracing::debug!(
             offset = start,
             bytes = bytes.len(),
@@ -501,6 +472,26 @@ impl Layer {
             (c.blob_end - start) as usize,
         );
         Ok(bytes.get(lo..hi).map(<[u8]>::to_vec).unwrap_or_default())
+    }
+
+    /// Decodes, checks and caches the chunks `members` out of `bytes`, the
+    /// blob's bytes from `start`; one that fails its check is not cached
+    /// (it is fetched alone, and checked, when it is read).
+    fn cache_run(&self, bytes: &[u8], start: u64, members: &[(usize, usize)]) {
+        for &(n, i) in members {
+            let c = &self.toc.nodes[n].chunks[i];
+            let (lo, hi) = (
+                (c.blob_offset - start) as usize,
+                (c.blob_end - start) as usize,
+            );
+            let p = self.toc.path(n);
+            match bytes.get(lo..hi).map(|gz| self.toc.decode_chunk(&p, c, gz)) {
+                Some(Ok(data)) => self
+                    .cache
+                    .put(&ChunkCache::key(&self.scope, &c.digest), &data),
+                _ => tracing::warn!(path = %p, "fetched chunk failed its check: not cached"),
+            }
+        }
     }
 
     /// Stops background work on this layer (it is going away).
@@ -588,20 +579,8 @@ impl Layer {
                 })?;
             self.fetched
                 .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-            for &(n, i) in &wanted[at..stop] {
-                let c = &self.toc.nodes[n].chunks[i];
-                let lo = (c.blob_offset - start) as usize;
-                let hi = (c.blob_end - start) as usize;
-                let p = self.toc.path(n);
-                match bytes.get(lo..hi).map(|gz| self.toc.decode_chunk(&p, c, gz)) {
-                    Some(Ok(data)) => self
-                        .cache
-                        .put(&ChunkCache::key(&self.scope, &c.digest), &data),
-                    // Fetched alone (and checked) when it is read.
-                    _ => tracing::warn!(path = %p, "fetched chunk failed its check: not cached"),
-                }
-                fetched += 1;
-            }
+            self.cache_run(&bytes, start, &wanted[at..stop]);
+            fetched += stop - at;
             at = stop;
             // Hold the rate: wait until the bytes so far are due.
             sent += end_off - start;
@@ -625,6 +604,80 @@ mod tests {
 
     fn digest(b: &[u8]) -> [u8; 32] {
         Sha256::digest(b).into()
+    }
+
+    /// Counts range reads, each slow enough for readers to overlap.
+    struct Slow {
+        blob: Vec<u8>,
+        reads: AtomicU64,
+    }
+
+    impl RangeReader for Slow {
+        fn read_range(&self, offset: u64, len: u64) -> std::io::Result<Vec<u8>> {
+            self.reads.fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            Ok(self.blob[offset as usize..(offset + len) as usize].to_vec())
+        }
+    }
+
+    #[test]
+    fn concurrent_readers_of_a_chunk_share_one_fetch() -> std::io::Result<()> {
+        use std::io::Write as _;
+        let data = vec![7u8; 100_000];
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&data)?;
+        // One byte before the chunk: a data offset is never 0.
+        let mut blob = vec![0u8];
+        blob.extend(gz.finish()?);
+        let end = blob.len() as u64;
+        let mut toc = Toc {
+            nodes: vec![crate::estargz::tests_node("", crate::estargz::Kind::Dir)],
+            toc_offset: end,
+            digest: String::new(),
+            prefetch_end: 0,
+            chunk_count: 1,
+        };
+        let mut f = crate::estargz::tests_node("f", crate::estargz::Kind::File);
+        f.size = data.len() as u64;
+        f.chunks.push(Chunk {
+            file_offset: 0,
+            size: data.len() as u64,
+            blob_offset: 1,
+            blob_end: end,
+            digest: digest(&data),
+        });
+        toc.nodes.push(f);
+        toc.nodes[0].children.insert("f".into(), 1);
+        let dir = std::env::temp_dir().join(format!("strata-flight-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let reader = Arc::new(Slow {
+            blob,
+            reads: AtomicU64::new(0),
+        });
+        let layer = Arc::new(Layer::new(
+            Arc::new(toc),
+            reader.clone(),
+            Arc::new(ChunkCache::open(&dir, 1 << 20)?),
+            "repo",
+        ));
+        let readers: Vec<_> = (0..4)
+            .map(|_| {
+                let l = layer.clone();
+                std::thread::spawn(move || l.chunk(1, 0).map(|b| b.to_vec()))
+            })
+            .collect();
+        for r in readers {
+            let got = r
+                .join()
+                .map_err(|_| std::io::Error::other("reader panicked"))?;
+            assert_eq!(got.map_err(std::io::Error::other)?, data);
+        }
+        assert_eq!(
+            reader.reads.load(Ordering::SeqCst),
+            1,
+            "one fetch for 4 readers"
+        );
+        std::fs::remove_dir_all(&dir)
     }
 
     #[test]

@@ -180,7 +180,8 @@ impl Filesystem for LayerFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        if flags.0 & (libc_flags::O_WRONLY | libc_flags::O_RDWR) != 0 {
+        let write = rustix::fs::OFlags::WRONLY | rustix::fs::OFlags::RDWR;
+        if rustix::fs::OFlags::from_bits_retain(flags.0 as u32).intersects(write) {
             return reply.error(Errno::EROFS);
         }
         match self.node(ino) {
@@ -304,12 +305,6 @@ pub fn lower_dir(lowers: &[std::path::PathBuf], path: &str) -> Option<crate::est
         });
     }
     None
-}
-
-/// `open(2)` access flags.
-mod libc_flags {
-    pub const O_WRONLY: i32 = 1;
-    pub const O_RDWR: i32 = 2;
 }
 
 /// A mounted layer; unmounted when dropped (or by [`Mounted::unmount`]).

@@ -28,7 +28,7 @@ use strata_lazy::fs::{lower_dir, mount, LayerFs, Mounted};
 use strata_registry::{Client, Digest, Reference};
 
 use crate::remote::{LayerRequest, Unpacker};
-use crate::types::Labels;
+use crate::types::{Labels, Usage};
 
 /// On a lazy layer's record: the layer's digest (its TOC is `<id>/toc.gz`,
 /// its image the record's `cri.image-ref` label).
@@ -192,7 +192,7 @@ impl Lazy {
         dir: &Path,
         lowers: &[PathBuf],
         userxattr: bool,
-    ) -> Result<Labels, LazyError> {
+    ) -> Result<(Labels, Usage), LazyError> {
         let (size, annotated) = self
             .unpacker
             .toc_digest(req)
@@ -260,7 +260,12 @@ impl Lazy {
         let mut out = labels.clone();
         out.insert(LAZY_LABEL.to_string(), req.layer.to_string());
         out.insert(TOC_DIGEST_ANNOTATION.to_string(), toc_digest);
-        Ok(out)
+        let (bytes, inodes) = layer.toc().usage();
+        let usage = Usage {
+            size: i64::try_from(bytes).unwrap_or(i64::MAX),
+            inodes: i64::try_from(inodes).unwrap_or(i64::MAX),
+        };
+        Ok((out, usage))
     }
 
     fn mount_toc(
@@ -387,11 +392,6 @@ impl Lazy {
                 tracing::warn!(id, error = %e, "unmounting a lazy layer failed");
             }
         }
-    }
-
-    /// Compressed bytes fetched by the mounted layers.
-    pub fn fetched_bytes(&self) -> u64 {
-        self.lock().values().map(|(_, l)| l.fetched_bytes()).sum()
     }
 }
 

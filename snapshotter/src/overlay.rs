@@ -27,7 +27,7 @@ use crate::ahead::{Ahead, Outcome, UNCLAIMED_TTL};
 use crate::du::disk_usage;
 use crate::error::{Error, Result};
 use crate::lazy::{Lazy, KEPT_TOC};
-use crate::meta::MetaStore;
+use crate::meta::{MetaStore, ReservedId};
 use crate::remote::{
     chain_id, LayerRequest, RemoteError, Unpacker, KEPT_BLOB_LABEL, TARGET_REF, UNPACKED_LABEL,
 };
@@ -312,6 +312,13 @@ impl OverlaySnapshotter {
 }
 
 impl Inner {
+    /// A new id, reserved, with the directory it names (not made yet).
+    fn reserve_dir(&self) -> Result<(ReservedId, PathBuf)> {
+        let id = self.meta.reserve_id()?;
+        let dir = self.dir(id.id());
+        Ok((id, dir))
+    }
+
     fn dir(&self, id: u64) -> PathBuf {
         self.root.join(id.to_string())
     }
@@ -514,12 +521,9 @@ impl Inner {
         // This layer's job first (it takes the next free slot), then the
         // layers above it, so that they unpack while containerd works down
         // its list one Prepare at a time.
-        let reserve = || {
-            let id = self.meta.reserve_id()?;
-            let dir = self.dir(id.id());
-            Ok((id, dir))
-        };
-        let claim = self.ahead.claim(unpacker, req, userxattr, &reserve)?;
+        let claim = self
+            .ahead
+            .claim(unpacker, req, userxattr, &|| self.reserve_dir())?;
         self.start_ahead(unpacker, req, userxattr);
         let mut staged = match claim.wait() {
             Outcome::Staged(s) => s,
@@ -641,12 +645,11 @@ impl Inner {
         labels: &Labels,
         userxattr: bool,
     ) -> Result<bool> {
-        let id = self.meta.reserve_id()?;
+        let (id, dir) = self.reserve_dir()?;
         let n = id.id();
-        let dir = self.dir(n);
         self.make_dirs(n, false, parent_ids.first().copied(), parent)?;
         let lowers: Vec<PathBuf> = parent_ids.iter().map(|i| self.upper(*i)).collect();
-        let labels = match lazy.mount_layer(n, req, labels, &dir, &lowers, userxattr) {
+        let (labels, usage) = match lazy.mount_layer(n, req, labels, &dir, &lowers, userxattr) {
             Ok(l) => l,
             Err(e) => {
                 lazy.unmount(n);
@@ -656,7 +659,6 @@ impl Inner {
             }
         };
         let recorded = self.sync_entries(n).and_then(|()| {
-            let usage = disk_usage(&self.upper(n))?;
             self.meta
                 .create_committed(id, name, parent, parent_ids, labels, usage)
         });
@@ -768,11 +770,9 @@ impl Inner {
             };
             let started = match self.meta.has_layer(&l.chain_id) {
                 Ok(true) => Ok(false),
-                Ok(false) => self.ahead.start(unpacker, &next, userxattr, &|| {
-                    let id = self.meta.reserve_id()?;
-                    let dir = self.dir(id.id());
-                    Ok((id, dir))
-                }),
+                Ok(false) => self
+                    .ahead
+                    .start(unpacker, &next, userxattr, &|| self.reserve_dir()),
                 Err(e) => Err(e),
             };
             match started {

@@ -18,7 +18,6 @@
 //! with the page cache dropped (for the lazy ones, after one read has
 //! cached its chunks: the cached read).
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -26,7 +25,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 
 use super::pull::runtime_image;
-use super::{summarize, OpStats};
+use super::{rounds_row, usage_extra, OpStats};
 use crate::harness::{self, Containerd, ContainerdSetup, CountingProxy, Registry, Strata};
 
 /// What the container runs: lists the runtime's tree and reads 200 of its
@@ -291,27 +290,8 @@ fn run_in(dir: &Path, mib: usize, rounds: usize, bins: &Path) -> Result<Vec<OpSt
     builtin.stop()?;
     let (largest, largest_size) = largest.context("the image has no regular file")?;
 
-    let (esgz_size, esgz_top) = {
-        let rt = tokio::runtime::Runtime::new()?;
-        let mut cfg = strata_registry::ClientConfig::default();
-        cfg.plain_http = true;
-        let client = strata_registry::Client::new(cfg)?;
-        let r = strata_registry::Reference::parse(&esgz_direct)?;
-        let m = rt.block_on(client.resolve(&r, &strata_registry::Platform::host()))?;
-        let diff_ids = m.config.value.rootfs().diff_ids().clone();
-        (
-            m.manifest
-                .value
-                .layers()
-                .iter()
-                .map(|l| l.size())
-                .sum::<u64>(),
-            crate::pull::chain_ids(&diff_ids)
-                .last()
-                .cloned()
-                .unwrap_or_default(),
-        )
-    };
+    let pushed = harness::RegistryImage::resolve(&esgz_direct)?;
+    let (esgz_size, esgz_top) = (pushed.size(), pushed.top_chain_id);
     eprintln!(
         "lazy bench image: {} layers, {:.1} MiB gzip, {:.1} MiB eStargz; largest file /{} ({:.1} MiB)",
         written.layer_sizes.len(),
@@ -346,33 +326,21 @@ fn run_in(dir: &Path, mib: usize, rounds: usize, bins: &Path) -> Result<Vec<OpSt
     for (c, res) in configs.iter().zip(results) {
         let n = res.len().max(1) as f64;
         let mean = |f: &dyn Fn(&One) -> f64| res.iter().map(f).sum::<f64>() / n;
-        let mut extra = BTreeMap::new();
-        extra.insert(
-            "fetched_mib".to_string(),
-            mean(&|o| o.fetched as f64) / (1 << 20) as f64,
-        );
-        extra.insert("cpu_s".to_string(), mean(&|o| o.cpu_s));
-        extra.insert(
-            "peak_mib".to_string(),
-            mean(&|o| o.peak as f64) / (1 << 20) as f64,
+        let mut extra = usage_extra(
+            &res.iter()
+                .map(|o| (o.fetched, o.cpu_s, o.peak))
+                .collect::<Vec<_>>(),
         );
         extra.insert("pull_s".to_string(), mean(&|o| o.pull.as_secs_f64()));
         extra.insert("run_s".to_string(), mean(&|o| o.run.as_secs_f64()));
-        let firsts: Vec<Duration> = res.iter().map(|o| o.pull + o.run).collect();
-        let total: Duration = firsts.iter().sum();
-        let mut p = summarize(c.name(), "first output", firsts, total);
-        p.group = "lazy".into();
+        let firsts = res.iter().map(|o| o.pull + o.run).collect();
+        let mut p = rounds_row("lazy", c.name(), "first output", firsts);
         p.extra = extra;
         rows.push(p);
-        let warms: Vec<Duration> = res.iter().map(|o| o.warm).collect();
-        let total: Duration = warms.iter().sum();
-        let mut w = summarize(c.name(), "warm start", warms, total);
-        w.group = "lazy".into();
-        rows.push(w);
-        let reads: Vec<Duration> = res.iter().map(|o| o.read).collect();
-        let total: Duration = reads.iter().sum();
-        let mut q = summarize(c.name(), "read largest (cold page cache)", reads, total);
-        q.group = "lazy".into();
+        let warms = res.iter().map(|o| o.warm).collect();
+        rows.push(rounds_row("lazy", c.name(), "warm start", warms));
+        let reads = res.iter().map(|o| o.read).collect();
+        let mut q = rounds_row("lazy", c.name(), "read largest (cold page cache)", reads);
         q.extra.insert(
             "MiB/s".to_string(),
             mean(&|o| o.read_bytes as f64 / o.read.as_secs_f64().max(1e-9)) / (1 << 20) as f64,

@@ -92,6 +92,36 @@ pub struct Report {
     pub series: Vec<scaling::Point>,
 }
 
+/// A row of `group` from one sample per round (the wall time is their sum).
+pub(crate) fn rounds_row(group: &str, target: &str, op: &str, lat: Vec<Duration>) -> OpStats {
+    let wall: Duration = lat.iter().sum();
+    let mut r = summarize(target, op, lat, wall);
+    r.group = group.into();
+    r
+}
+
+/// The means over rounds of what a pull cost: bytes fetched (`fetched_mib`),
+/// CPU seconds (`cpu_s`) and peak memory (`peak_mib`) of the daemons, from
+/// `(fetched bytes, CPU s, peak bytes)` per round.
+pub(crate) fn usage_extra(rounds: &[(u64, f64, u64)]) -> BTreeMap<String, f64> {
+    let n = rounds.len().max(1) as f64;
+    let mib = (1u64 << 20) as f64;
+    BTreeMap::from([
+        (
+            "fetched_mib".to_string(),
+            rounds.iter().map(|r| r.0 as f64).sum::<f64>() / n / mib,
+        ),
+        (
+            "cpu_s".to_string(),
+            rounds.iter().map(|r| r.1).sum::<f64>() / n,
+        ),
+        (
+            "peak_mib".to_string(),
+            rounds.iter().map(|r| r.2 as f64).sum::<f64>() / n / mib,
+        ),
+    ])
+}
+
 pub(crate) fn summarize(target: &str, op: &str, mut lat: Vec<Duration>, wall: Duration) -> OpStats {
     lat.sort_unstable();
     let pct = |p: f64| {

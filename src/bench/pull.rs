@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
-use super::{summarize, OpStats};
+use super::{rounds_row, usage_extra, OpStats};
 use crate::harness::{self, image, Containerd, ContainerdSetup, CountingProxy, Registry, Strata};
 
 /// A storage configuration of containerd.
@@ -298,15 +298,10 @@ pub fn run(
     for (c, res) in configs.iter().zip(results) {
         let n = res.len().max(1) as f64;
         let mean = |f: &dyn Fn(&One) -> f64| res.iter().map(f).sum::<f64>() / n;
-        let mut extra = BTreeMap::new();
-        extra.insert(
-            "fetched_mib".to_string(),
-            mean(&|o| o.fetched as f64) / (1 << 20) as f64,
-        );
-        extra.insert("cpu_s".to_string(), mean(&|o| o.cpu_s));
-        extra.insert(
-            "peak_mib".to_string(),
-            mean(&|o| o.peak as f64) / (1 << 20) as f64,
+        let mut extra = usage_extra(
+            &res.iter()
+                .map(|o| (o.fetched, o.cpu_s, o.peak))
+                .collect::<Vec<_>>(),
         );
         let keys: std::collections::BTreeSet<String> =
             res.iter().flat_map(|o| o.phases.keys().cloned()).collect();
@@ -314,17 +309,20 @@ pub fn run(
             let v = mean(&|o| o.phases.get(&k).copied().unwrap_or(0.0));
             extra.insert(k, v);
         }
-        let pulls: Vec<Duration> = res.iter().map(|o| o.pull).collect();
-        let runs: Vec<Duration> = res.iter().map(|o| o.run).collect();
-        let total: Duration = pulls.iter().sum();
-        let mut p = summarize(c.name(), "pull+unpack", pulls, total);
-        p.group = "pull".into();
+        let mut p = rounds_row(
+            "pull",
+            c.name(),
+            "pull+unpack",
+            res.iter().map(|o| o.pull).collect(),
+        );
         p.extra = extra;
         rows.push(p);
-        let total: Duration = runs.iter().sum();
-        let mut q = summarize(c.name(), "run", runs, total);
-        q.group = "pull".into();
-        rows.push(q);
+        rows.push(rounds_row(
+            "pull",
+            c.name(),
+            "run",
+            res.iter().map(|o| o.run).collect(),
+        ));
     }
     Ok(rows)
 }

@@ -294,6 +294,46 @@ pub fn start_refproxy(bin: &Path, dir: &Path) -> Result<(Proc, PathBuf)> {
     Ok((proc, socket))
 }
 
+/// An image as a plain-HTTP registry holds it (resolved for this host's
+/// platform through strata's registry client).
+pub struct RegistryImage {
+    /// Its layers, bottom first: digest and size.
+    pub layers: Vec<(String, u64)>,
+    /// The chain id of its top layer (its snapshot's name in containerd).
+    pub top_chain_id: String,
+}
+
+impl RegistryImage {
+    /// Resolves `reference`.
+    pub fn resolve(reference: &str) -> Result<RegistryImage> {
+        let rt = tokio::runtime::Runtime::new()?;
+        let mut cfg = strata_registry::ClientConfig::default();
+        cfg.plain_http = true;
+        let client = strata_registry::Client::new(cfg)?;
+        let r = strata_registry::Reference::parse(reference)?;
+        let m = rt.block_on(client.resolve(&r, &strata_registry::Platform::host()))?;
+        let diff_ids = m.config.value.rootfs().diff_ids().clone();
+        Ok(RegistryImage {
+            layers: m
+                .manifest
+                .value
+                .layers()
+                .iter()
+                .map(|l| (l.digest().to_string(), l.size()))
+                .collect(),
+            top_chain_id: crate::pull::chain_ids(&diff_ids)
+                .last()
+                .cloned()
+                .unwrap_or_default(),
+        })
+    }
+
+    /// The layers' total size.
+    pub fn size(&self) -> u64 {
+        self.layers.iter().map(|(_, s)| s).sum()
+    }
+}
+
 /// A TCP proxy on 127.0.0.1 in front of `upstream` that counts the bytes
 /// sent back to clients (what a pull fetched). Stops when dropped.
 pub struct CountingProxy {

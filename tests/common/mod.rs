@@ -156,51 +156,33 @@ pub fn view_tree(
     dir: &Path,
 ) -> anyhow::Result<std::collections::BTreeMap<String, TreeEntry>> {
     let key = format!("tree-view-{snapshotter}");
-    let out = cd.ctr(&[
-        "snapshots",
+    let target = dir.join(format!("view-{snapshotter}"));
+    cd.mount_view(snapshotter, snapshot, &key, &target)?;
+    let walked = tree(&target);
+    cd.unmount_view(snapshotter, &key, &target)?;
+    walked
+}
+
+/// `strata pull` of `reference` into `cd` (the harness's `strata`
+/// namespace) on `snapshotter`: what it printed, stdout then stderr.
+pub fn strata_pull(
+    cd: &strata::harness::Containerd,
+    snapshotter: &str,
+    reference: &str,
+) -> anyhow::Result<String> {
+    let out = strata::harness::run(std::process::Command::new(strata_bin()).args([
+        "pull",
+        "-a",
+        &cd.socket.display().to_string(),
+        "-n",
+        "strata",
         "--snapshotter",
         snapshotter,
-        "view",
-        "--mounts",
-        &key,
-        snapshot,
-    ])?;
-    let mounts: Vec<serde_json::Value> = serde_json::from_str(&out)
-        .map_err(|e| anyhow::anyhow!("ctr snapshots view --mounts printed {out:?}: {e}"))?;
-    let m = mounts
-        .first()
-        .ok_or_else(|| anyhow::anyhow!("no mounts for {snapshot}"))?;
-    // ctr prints containerd's mount.Mount, whose fields carry no JSON tags.
-    let field = |k: &str| {
-        let upper = format!("{}{}", k[..1].to_uppercase(), &k[1..]);
-        m.get(k)
-            .or_else(|| m.get(upper.as_str()))
-            .cloned()
-            .unwrap_or_default()
-    };
-    let kind = field("type").as_str().unwrap_or_default().to_string();
-    let source = field("source").as_str().unwrap_or_default().to_string();
-    let options: Vec<String> = field("options")
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|o| o.as_str().map(String::from))
-                .collect()
-        })
-        .unwrap_or_default();
-    let target = dir.join(format!("view-{snapshotter}"));
-    std::fs::create_dir_all(&target)?;
-    let status = std::process::Command::new("mount")
-        .arg("-t")
-        .arg(&kind)
-        .arg("-o")
-        .arg(options.join(","))
-        .arg(&source)
-        .arg(&target)
-        .status()?;
-    anyhow::ensure!(status.success(), "mount {kind} {source} {options:?} failed");
-    let walked = tree(&target);
-    let _ = std::process::Command::new("umount").arg(&target).status();
-    let _ = cd.ctr(&["snapshots", "--snapshotter", snapshotter, "rm", &key]);
-    walked
+        reference,
+    ]))?;
+    Ok(format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    ))
 }
