@@ -40,6 +40,9 @@ pub struct LazySettings {
     /// Then fetch the rest of the layer in the background, at this many
     /// MiB/s (0: not at all).
     pub background_mib_s: u64,
+    /// Open fully cached files through FUSE passthrough (Linux 6.9+; on
+    /// other kernels reads go through strata).
+    pub passthrough: bool,
 }
 
 impl Default for LazySettings {
@@ -48,6 +51,7 @@ impl Default for LazySettings {
             cache_mib: 10 * 1024,
             prefetch: true,
             background_mib_s: 32,
+            passthrough: true,
         }
     }
 }
@@ -68,6 +72,11 @@ pub struct RegistrySettings {
     /// Layers fetched and unpacked at once, across all images. The first
     /// fast-path Prepare of an image starts the layers above it too.
     pub layers_at_once: usize,
+    /// A response body that sends nothing for this many seconds is broken
+    /// off and resumed from where it got to.
+    pub stall_timeout_s: u64,
+    /// Attempts per request (5xx, resets, timeouts) before it fails.
+    pub max_attempts: u32,
 }
 
 impl Default for RegistrySettings {
@@ -78,6 +87,8 @@ impl Default for RegistrySettings {
             docker_config: None,
             parallel_ranges: 4,
             layers_at_once: 2,
+            stall_timeout_s: 30,
+            max_attempts: 5,
         }
     }
 }
@@ -88,6 +99,8 @@ impl RegistrySettings {
         let mut c = strata_registry::ClientConfig::default();
         c.config_path = self.config_path.clone().filter(|p| p.is_dir());
         c.plain_http = self.plain_http;
+        c.retry.stall_timeout = std::time::Duration::from_secs(self.stall_timeout_s.max(1));
+        c.retry.max_attempts = self.max_attempts.max(1);
         if let Some(p) = &self.docker_config {
             c.docker_config = strata_registry::DockerConfig::Path(p.clone());
         }

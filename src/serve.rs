@@ -286,9 +286,14 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                             Some(Arc::new(strata_snapshotter::lazy::Lazy::new(
                                 u.clone(),
                                 c.clone(),
-                                cfg.lazy.prefetch,
-                                Some(cfg.lazy.background_mib_s.saturating_mul(1 << 20))
+                                strata_snapshotter::lazy::LazyOptions {
+                                    prefetch: cfg.lazy.prefetch,
+                                    background: Some(
+                                        cfg.lazy.background_mib_s.saturating_mul(1 << 20),
+                                    )
                                     .filter(|&r| r > 0),
+                                    passthrough: cfg.lazy.passthrough,
+                                },
                             )))
                         }
                         _ => None,

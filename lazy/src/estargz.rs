@@ -905,6 +905,47 @@ pub(crate) fn tests_node(name: &str, kind: Kind) -> Node {
     Node::new(0, name.to_string(), kind)
 }
 
+/// For the crate's tests: a layer of regular files at its root, each
+/// given as its chunks, every chunk its own gzip member in the blob (as
+/// eStargz writes them); the TOC and the blob.
+#[cfg(test)]
+pub(crate) fn tests_layer(files: &[(&str, Vec<Vec<u8>>)]) -> std::io::Result<(Toc, Vec<u8>)> {
+    use std::io::Write as _;
+    // One byte first: a data offset is never 0.
+    let mut blob = vec![0u8];
+    let mut nodes = vec![tests_node("", Kind::Dir)];
+    let mut count = 0;
+    for (name, chunks) in files {
+        let mut f = tests_node(name, Kind::File);
+        for data in chunks {
+            let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            gz.write_all(data)?;
+            let start = blob.len() as u64;
+            blob.extend(gz.finish()?);
+            f.chunks.push(Chunk {
+                file_offset: f.size,
+                size: data.len() as u64,
+                blob_offset: start,
+                blob_end: blob.len() as u64,
+                digest: Sha256::digest(data).into(),
+            });
+            f.size += data.len() as u64;
+            count += 1;
+        }
+        let at = nodes.len();
+        nodes[0].children.insert(name.to_string(), at);
+        nodes.push(f);
+    }
+    let toc = Toc {
+        nodes,
+        toc_offset: blob.len() as u64,
+        digest: String::new(),
+        prefetch_end: 0,
+        chunk_count: count,
+    };
+    Ok((toc, blob))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 
 use sha2::{Digest as _, Sha256};
 
-use crate::estargz::{hex, parse_hex32, Chunk, Toc};
+use crate::estargz::{hex, parse_hex32, Chunk, Kind, Toc};
 
 /// Reads byte ranges of one layer blob (HTTP range requests, in strata).
 pub trait RangeReader: Send + Sync {
@@ -96,19 +96,23 @@ impl ChunkCache {
         self.lock().entries.contains_key(key)
     }
 
+    /// Marks `key` as just used; `None` if it is not cached.
+    fn touch(&self, key: &[u8; 32]) -> Option<()> {
+        let mut st = self.lock();
+        let (_, used) = st.entries.get(key).copied()?;
+        st.tick += 1;
+        let tick = st.tick;
+        st.lru.remove(&used);
+        st.lru.insert(tick, *key);
+        if let Some(e) = st.entries.get_mut(key) {
+            e.1 = tick;
+        }
+        Some(())
+    }
+
     /// The bytes cached under `key` if they are still chunk `d`.
     pub fn get(&self, key: &[u8; 32], d: &[u8; 32]) -> Option<Vec<u8>> {
-        {
-            let mut st = self.lock();
-            let (_, used) = st.entries.get(key).copied()?;
-            st.tick += 1;
-            let tick = st.tick;
-            st.lru.remove(&used);
-            st.lru.insert(tick, *key);
-            if let Some(e) = st.entries.get_mut(key) {
-                e.1 = tick;
-            }
-        }
+        self.touch(key)?;
         match std::fs::read(self.path(key)) {
             Ok(b) if Sha256::digest(&b).as_slice() == d => Some(b),
             Ok(_) => {
@@ -125,9 +129,22 @@ impl ChunkCache {
 
     /// Keeps verified bytes under `key`.
     pub fn put(&self, key: &[u8; 32], data: &[u8]) {
+        if let Err(e) = self.put_with(key, |f| f.write_all(data).map(|()| data.len() as u64)) {
+            tracing::warn!(error = %e, "not caching a chunk");
+        }
+    }
+
+    /// Keeps under `key` the verified bytes that `write` writes to a new
+    /// file (returning how many): written to a unique temporary name, then
+    /// renamed into place.
+    pub fn put_with(
+        &self,
+        key: &[u8; 32],
+        write: impl FnOnce(&mut std::fs::File) -> std::io::Result<u64>,
+    ) -> std::io::Result<()> {
         static SEQ: AtomicU64 = AtomicU64::new(0);
         if self.lock().entries.contains_key(key) {
-            return;
+            return Ok(());
         }
         let path = self.path(key);
         let tmp = self.dir.join(format!(
@@ -138,20 +155,23 @@ impl ChunkCache {
         ));
         let written = (|| {
             let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(data)?;
-            std::fs::rename(&tmp, &path)
+            let n = write(&mut f)?;
+            std::fs::rename(&tmp, &path)?;
+            Ok(n)
         })();
-        if let Err(e) = written {
-            let _ = std::fs::remove_file(&tmp);
-            tracing::warn!(error = %e, "not caching a chunk");
-            return;
-        }
+        let len = match written {
+            Ok(n) => n,
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(e);
+            }
+        };
         {
             let mut st = self.lock();
             st.tick += 1;
             let tick = st.tick;
-            match st.entries.insert(*key, (data.len() as u64, tick)) {
-                None => st.total += data.len() as u64,
+            match st.entries.insert(*key, (len, tick)) {
+                None => st.total += len,
                 // Put twice at once: one entry, its newest tick.
                 Some((_, old)) => {
                     st.lru.remove(&old);
@@ -160,6 +180,25 @@ impl ChunkCache {
             st.lru.insert(tick, *key);
         }
         self.evict();
+        Ok(())
+    }
+
+    /// The file cached under `key`, open for reading (counts as a use).
+    /// Unchecked: the caller verifies what it reads.
+    pub fn open_entry(&self, key: &[u8; 32]) -> Option<std::fs::File> {
+        self.touch(key)?;
+        match std::fs::File::open(self.path(key)) {
+            Ok(f) => Some(f),
+            Err(_) => {
+                self.forget(key);
+                None
+            }
+        }
+    }
+
+    /// Drops the entry under `key` (its bytes were found damaged).
+    pub fn drop_entry(&self, key: &[u8; 32]) {
+        self.forget(key);
     }
 
     fn forget(&self, key: &[u8; 32]) {
@@ -267,6 +306,10 @@ pub struct Layer {
     inflight: Mutex<HashMap<[u8; 32], Arc<InFlight>>>,
     /// Set when the layer goes: background work stops.
     cancelled: std::sync::atomic::AtomicBool,
+    /// Files whose whole-file cache entry was checked in this run.
+    verified: Mutex<std::collections::HashSet<usize>>,
+    /// Held while a whole file is checked or put together.
+    whole: Mutex<()>,
 }
 
 impl Layer {
@@ -301,6 +344,8 @@ impl Layer {
             inflight: Mutex::new(HashMap::new()),
             order,
             cancelled: std::sync::atomic::AtomicBool::new(false),
+            verified: Mutex::new(std::collections::HashSet::new()),
+            whole: Mutex::new(()),
         }
     }
 
@@ -368,6 +413,122 @@ impl Layer {
         guard.result = Some(r.as_ref().map(Arc::clone).map_err(|e| e.to_string()));
         drop(guard);
         r
+    }
+
+    /// Chunk `i` of `node` if it is in memory or in the cache (checked);
+    /// never fetched.
+    fn cached_chunk(&self, node: usize, i: usize) -> Option<Arc<Vec<u8>>> {
+        let c = &self.toc.nodes[node].chunks[i];
+        if let Some(b) = self.recent_get(&c.digest) {
+            return Some(b);
+        }
+        self.cache
+            .get(&ChunkCache::key(&self.scope, &c.digest), &c.digest)
+            .filter(|b| b.len() as u64 == c.size)
+            .map(Arc::new)
+    }
+
+    /// Whether every chunk of `node` is in memory or in the cache.
+    pub fn fully_cached(&self, node: usize) -> bool {
+        let n = &self.toc.nodes[node];
+        !n.chunks.is_empty()
+            && n.chunks.iter().all(|c| {
+                self.recent_get(&c.digest).is_some()
+                    || self
+                        .cache
+                        .contains(&ChunkCache::key(&self.scope, &c.digest))
+            })
+    }
+
+    /// The cache key of file `node` whole: its chunk's key if it has one
+    /// chunk, else a key of its chunk list.
+    fn whole_key(&self, node: usize) -> [u8; 32] {
+        let n = &self.toc.nodes[node];
+        if let [c] = n.chunks.as_slice() {
+            return ChunkCache::key(&self.scope, &c.digest);
+        }
+        let mut h = Sha256::new();
+        h.update(b"strata whole file\0");
+        for c in &n.chunks {
+            h.update(c.file_offset.to_le_bytes());
+            h.update(c.size.to_le_bytes());
+            h.update(c.digest);
+        }
+        ChunkCache::key(&self.scope, &h.finalize().into())
+    }
+
+    /// Whether `f` holds exactly the chunks of `node`, each as its digest
+    /// says.
+    fn check_whole(&self, node: usize, f: &std::fs::File) -> bool {
+        use std::os::unix::fs::FileExt as _;
+        let n = &self.toc.nodes[node];
+        if f.metadata().map(|m| m.len()).ok() != Some(n.size) {
+            return false;
+        }
+        let mut buf = Vec::new();
+        n.chunks.iter().all(|c| {
+            buf.resize(c.size as usize, 0);
+            f.read_exact_at(&mut buf, c.file_offset).is_ok()
+                && Sha256::digest(&buf).as_slice() == c.digest
+        })
+    }
+
+    /// Whether file `node` whole is in the cache and was checked in this
+    /// run (its next open can pass through at once).
+    pub fn whole_ready(&self, node: usize) -> bool {
+        self.verified
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&node)
+            && self.cache.contains(&self.whole_key(node))
+    }
+
+    /// Regular file `node` whole, as a verified file of the cache, if all
+    /// of it is cached (nothing is fetched): what FUSE passthrough reads.
+    /// A file of one chunk is that chunk's entry; a longer one is put
+    /// together from its cached chunks once, and kept as an entry of its
+    /// own (its bytes then count twice against the cache's limit until
+    /// one or the other is evicted). An entry is checked against the
+    /// chunk digests the first time it is opened in a run.
+    pub fn whole_file(&self, node: usize) -> Option<std::fs::File> {
+        let n = &self.toc.nodes[node];
+        if n.kind != Kind::File || n.chunks.is_empty() {
+            return None;
+        }
+        let key = self.whole_key(node);
+        let _one_at_a_time = self.whole.lock().unwrap_or_else(|p| p.into_inner());
+        let mut verified = self.verified.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(f) = self.cache.open_entry(&key) {
+            if verified.contains(&node) || self.check_whole(node, &f) {
+                verified.insert(node);
+                return Some(f);
+            }
+            tracing::warn!(path = %self.toc.path(node), "cached file damaged: dropped");
+            self.cache.drop_entry(&key);
+            verified.remove(&node);
+            return None;
+        }
+        if n.chunks.len() == 1 || !self.fully_cached(node) {
+            return None;
+        }
+        let put = self.cache.put_with(&key, |f| {
+            let mut len = 0;
+            for i in 0..n.chunks.len() {
+                let b = self
+                    .cached_chunk(node, i)
+                    .ok_or_else(|| std::io::Error::other("a chunk left the cache"))?;
+                f.write_all(&b)?;
+                len += b.len() as u64;
+            }
+            Ok(len)
+        });
+        if let Err(e) = put {
+            tracing::debug!(path = %self.toc.path(node), error = %e, "file not put together");
+            return None;
+        }
+        let f = self.cache.open_entry(&key)?;
+        verified.insert(node);
+        Some(f)
     }
 
     fn recent_get(&self, d: &[u8; 32]) -> Option<Arc<Vec<u8>>> {
@@ -622,32 +783,8 @@ mod tests {
 
     #[test]
     fn concurrent_readers_of_a_chunk_share_one_fetch() -> std::io::Result<()> {
-        use std::io::Write as _;
         let data = vec![7u8; 100_000];
-        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-        gz.write_all(&data)?;
-        // One byte before the chunk: a data offset is never 0.
-        let mut blob = vec![0u8];
-        blob.extend(gz.finish()?);
-        let end = blob.len() as u64;
-        let mut toc = Toc {
-            nodes: vec![crate::estargz::tests_node("", crate::estargz::Kind::Dir)],
-            toc_offset: end,
-            digest: String::new(),
-            prefetch_end: 0,
-            chunk_count: 1,
-        };
-        let mut f = crate::estargz::tests_node("f", crate::estargz::Kind::File);
-        f.size = data.len() as u64;
-        f.chunks.push(Chunk {
-            file_offset: 0,
-            size: data.len() as u64,
-            blob_offset: 1,
-            blob_end: end,
-            digest: digest(&data),
-        });
-        toc.nodes.push(f);
-        toc.nodes[0].children.insert("f".into(), 1);
+        let (toc, blob) = crate::estargz::tests_layer(&[("f", vec![data.clone()])])?;
         let dir = std::env::temp_dir().join(format!("strata-flight-test-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let reader = Arc::new(Slow {

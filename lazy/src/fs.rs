@@ -4,16 +4,28 @@
 //! request). Mounted `ro,nosuid,nodev`, with the kernel checking
 //! permissions (`default_permissions`). A chunk that cannot be fetched or
 //! verified is EIO.
+//!
+//! A file whose every chunk is cached is opened through FUSE passthrough
+//! where the kernel has it (6.9+): its reads go from the kernel straight
+//! to a verified file of the cache ([`Layer::whole_file`]), without this
+//! daemon. The kernel refuses (EIO) an open in one mode while the inode is
+//! open in the other, so an inode stays in the mode of its first open
+//! until its last handle is released, and all its passthrough opens share
+//! one backing file.
 
 use std::ffi::OsStr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+
 use fuser::{
-    Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
-    LockOwner, MountOption, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEntry, ReplyOpen,
-    ReplyXattr, Request, SessionACL,
+    BackingId, Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
+    INodeNo, InitFlags, KernelConfig, LockOwner, MountOption, OpenFlags, ReplyAttr, ReplyData,
+    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyXattr, Request, SessionACL,
 };
 
 use crate::estargz::Kind;
@@ -22,11 +34,45 @@ use crate::fetch::Layer;
 /// The layer never changes: the kernel may keep what it looked up.
 const TTL: Duration = Duration::from_secs(3600);
 
+/// What a mount's opens went through.
+#[derive(Debug, Default)]
+pub struct OpenStats {
+    /// Whether the kernel took FUSE passthrough at mount time (and no
+    /// backing file was refused since).
+    pub passthrough: AtomicBool,
+    /// Opens answered with a passthrough backing file.
+    pub passthrough_opens: AtomicU64,
+    /// Opens whose reads come through this daemon.
+    pub daemon_opens: AtomicU64,
+    /// Handles open now (released ones are gone).
+    pub open_handles: AtomicU64,
+}
+
+/// How an inode is open now.
+enum Mode {
+    /// Read through the daemon, by this many handles.
+    Daemon(usize),
+    /// Passthrough to one backing file, by this many handles.
+    Passthrough(usize, Arc<BackingId>),
+}
+
+#[derive(Default)]
+struct Opens {
+    next_fh: u64,
+    /// Handle → inode.
+    handles: HashMap<u64, usize>,
+    modes: HashMap<usize, Mode>,
+}
+
 /// The filesystem of one layer.
 pub struct LayerFs {
     layer: Arc<Layer>,
     /// `user.overlay.opaque` instead of `trusted.overlay.opaque`.
     userxattr: bool,
+    /// Try FUSE passthrough for fully cached files.
+    want_passthrough: bool,
+    stats: Arc<OpenStats>,
+    opens: Mutex<Opens>,
 }
 
 fn idx(ino: INodeNo) -> Option<usize> {
@@ -38,9 +84,104 @@ fn makedev(major: u32, minor: u32) -> u32 {
 }
 
 impl LayerFs {
-    /// The filesystem of `layer`.
-    pub fn new(layer: Arc<Layer>, userxattr: bool) -> LayerFs {
-        LayerFs { layer, userxattr }
+    /// The filesystem of `layer`; with `passthrough`, fully cached files
+    /// are opened through FUSE passthrough where the kernel has it.
+    pub fn new(layer: Arc<Layer>, userxattr: bool, passthrough: bool) -> LayerFs {
+        LayerFs {
+            layer,
+            userxattr,
+            want_passthrough: passthrough,
+            stats: Arc::new(OpenStats::default()),
+            opens: Mutex::new(Opens::default()),
+        }
+    }
+
+    /// What the mount's opens went through.
+    pub fn stats(&self) -> Arc<OpenStats> {
+        self.stats.clone()
+    }
+
+    fn opens(&self) -> std::sync::MutexGuard<'_, Opens> {
+        self.opens.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// After the last handle of file `i` read through the daemon goes: if
+    /// its chunks are now all cached and there are several, puts the whole
+    /// file together in the background, so that its next open can pass
+    /// through without waiting for that.
+    fn prepare_whole(&self, i: usize) {
+        if !self.stats.passthrough.load(Ordering::Relaxed)
+            || self.layer.toc().nodes[i].chunks.len() < 2
+            || self.layer.is_cancelled()
+            || self.layer.whole_ready(i)
+            || !self.layer.fully_cached(i)
+        {
+            return;
+        }
+        let layer = self.layer.clone();
+        let spawned = std::thread::Builder::new()
+            .name("strata-lazy-whole".into())
+            .spawn(move || {
+                layer.whole_file(i);
+            });
+        if let Err(e) = spawned {
+            tracing::debug!(error = %e, "not putting a file together now");
+        }
+    }
+
+    /// Answers an open of file `i`: passthrough if the inode is in that
+    /// mode already, or is not open and is fully cached; else through the
+    /// daemon.
+    fn open_file(&self, i: usize, reply: ReplyOpen) {
+        let fresh = {
+            let o = self.opens();
+            !o.modes.contains_key(&i)
+        };
+        // Checked or put together outside the lock: it may take a while.
+        let whole = if fresh && self.stats.passthrough.load(Ordering::Relaxed) {
+            self.layer.whole_file(i)
+        } else {
+            None
+        };
+        let mut o = self.opens();
+        o.next_fh += 1;
+        let fh = o.next_fh;
+        o.handles.insert(fh, i);
+        self.stats.open_handles.fetch_add(1, Ordering::Relaxed);
+        match o.modes.get_mut(&i) {
+            Some(Mode::Daemon(n)) => {
+                *n += 1;
+                self.stats.daemon_opens.fetch_add(1, Ordering::Relaxed);
+                return reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
+            }
+            Some(Mode::Passthrough(n, id)) => {
+                *n += 1;
+                self.stats.passthrough_opens.fetch_add(1, Ordering::Relaxed);
+                return reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), id);
+            }
+            None => {}
+        }
+        let backing = whole.and_then(|f| match reply.open_backing(&f) {
+            Ok(id) => Some(Arc::new(id)),
+            Err(e) => {
+                // For instance a cache on a stacked filesystem.
+                tracing::warn!(error = %e, "FUSE passthrough refused: reads go through strata");
+                self.stats.passthrough.store(false, Ordering::Relaxed);
+                None
+            }
+        });
+        match backing {
+            Some(id) => {
+                self.stats.passthrough_opens.fetch_add(1, Ordering::Relaxed);
+                reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id);
+                o.modes.insert(i, Mode::Passthrough(1, id));
+            }
+            None => {
+                self.stats.daemon_opens.fetch_add(1, Ordering::Relaxed);
+                reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
+                o.modes.insert(i, Mode::Daemon(1));
+            }
+        }
     }
 
     fn attr(&self, i: usize) -> FileAttr {
@@ -147,6 +288,22 @@ fn reply_xattr(value: &[u8], size: u32, reply: ReplyXattr) {
 }
 
 impl Filesystem for LayerFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        if self.want_passthrough {
+            // Depth 1: backing files on a plain filesystem, and this mount
+            // still stackable under overlayfs.
+            let ok = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+                && config.set_max_stack_depth(1).is_ok();
+            if !ok {
+                tracing::info!(
+                    "the kernel has no FUSE passthrough: cached reads go through strata"
+                );
+            }
+            self.stats.passthrough.store(ok, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let found = self.node(parent).and_then(|p| {
             let name = name.to_str().ok_or(Errno::ENOENT)?;
@@ -185,9 +342,40 @@ impl Filesystem for LayerFs {
             return reply.error(Errno::EROFS);
         }
         match self.node(ino) {
+            Ok(i) if self.layer.toc().nodes[i].kind == Kind::File => self.open_file(i, reply),
             Ok(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
             Err(e) => reply.error(e),
         }
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        let mut o = self.opens();
+        if let Some(i) = o.handles.remove(&fh.into()) {
+            self.stats.open_handles.fetch_sub(1, Ordering::Relaxed);
+            let last = match o.modes.get_mut(&i) {
+                Some(Mode::Daemon(n) | Mode::Passthrough(n, _)) => {
+                    *n = n.saturating_sub(1);
+                    *n == 0
+                }
+                None => false,
+            };
+            if last {
+                // A passthrough inode's backing file is closed with it.
+                if let Some(Mode::Daemon(_)) = o.modes.remove(&i) {
+                    self.prepare_whole(i);
+                }
+            }
+        }
+        reply.ok();
     }
 
     fn read(
@@ -361,4 +549,126 @@ pub fn mount(fs: LayerFs, mountpoint: &Path, name: &str) -> std::io::Result<Moun
         session: Some(session),
         mountpoint: mountpoint.to_path_buf(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fetch::{ChunkCache, RangeReader};
+
+    struct Counted {
+        blob: Vec<u8>,
+        reads: AtomicU64,
+    }
+
+    impl RangeReader for Counted {
+        fn read_range(&self, offset: u64, len: u64) -> std::io::Result<Vec<u8>> {
+            self.reads.fetch_add(1, Ordering::SeqCst);
+            let r = offset as usize..(offset + len) as usize;
+            self.blob
+                .get(r)
+                .map(<[u8]>::to_vec)
+                .ok_or_else(|| std::io::Error::other("past the end"))
+        }
+    }
+
+    fn bytes(len: usize, seed: u32) -> Vec<u8> {
+        let mut x = seed.wrapping_mul(2_654_435_761) | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                x as u8
+            })
+            .collect()
+    }
+
+    fn wait_released(stats: &OpenStats) {
+        let until = std::time::Instant::now() + Duration::from_secs(10);
+        while stats.open_handles.load(Ordering::SeqCst) > 0 && std::time::Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Needs root and /dev/fuse (as the daemon does).
+    #[test]
+    fn cached_files_pass_through_and_modes_never_mix() -> std::io::Result<()> {
+        let one = bytes(300_000, 1);
+        let multi: Vec<Vec<u8>> = (0..3).map(|i| bytes(200_000, 10 + i)).collect();
+        let whole_multi = multi.concat();
+        // A chunk larger than a read's window between them: reading one
+        // does not fetch the other.
+        let (toc, blob) = crate::estargz::tests_layer(&[
+            ("one", vec![one.clone()]),
+            (
+                "pad",
+                vec![bytes(2 * crate::fetch::READ_WINDOW as usize, 5)],
+            ),
+            ("multi", multi),
+        ])?;
+        let dir =
+            std::env::temp_dir().join(format!("strata-passthrough-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mnt = dir.join("mnt");
+        std::fs::create_dir_all(&mnt)?;
+        let reader = Arc::new(Counted {
+            blob,
+            reads: AtomicU64::new(0),
+        });
+        let layer = Arc::new(Layer::new(
+            Arc::new(toc),
+            reader.clone(),
+            Arc::new(ChunkCache::open(&dir.join("cache"), 64 << 20)?),
+            "repo",
+        ));
+        let fs = LayerFs::new(layer, false, true);
+        let stats = fs.stats();
+        let mounted = mount(fs, &mnt, "strata-test")?;
+        let (p_one, p_multi) = (mnt.join("one"), mnt.join("multi"));
+
+        // Nothing cached: read through the daemon, fetched.
+        use std::io::Read as _;
+        assert_eq!(std::fs::read(&p_one)?, one);
+        let mut held = std::fs::File::open(&p_multi)?;
+        let mut got = Vec::new();
+        held.read_to_end(&mut got)?;
+        assert_eq!(got, whole_multi);
+        assert_eq!(stats.open_handles.load(Ordering::SeqCst), 1);
+        // Now fully cached, but open through the daemon: a second open
+        // must stay in that mode (the kernel would refuse a mix with EIO).
+        assert_eq!(std::fs::read(&p_multi)?, whole_multi);
+        drop(held);
+        wait_released(&stats);
+        assert_eq!(stats.passthrough_opens.load(Ordering::SeqCst), 0);
+        assert_eq!(stats.daemon_opens.load(Ordering::SeqCst), 3);
+        let fetches = reader.reads.load(Ordering::SeqCst);
+        assert!(fetches > 0);
+
+        if !stats.passthrough.load(Ordering::SeqCst) {
+            eprintln!("this kernel has no FUSE passthrough: only reads through strata were tested");
+        } else {
+            // Every chunk cached, nothing open: passthrough, for the file of
+            // one chunk (its chunk's cache file) and the one put together.
+            let mut a = std::fs::File::open(&p_multi)?;
+            assert_eq!(std::fs::read(&p_one)?, one);
+            // A second open of an inode in passthrough shares its backing.
+            assert_eq!(std::fs::read(&p_multi)?, whole_multi);
+            let mut got = Vec::new();
+            a.read_to_end(&mut got)?;
+            assert_eq!(got, whole_multi);
+            drop(a);
+            wait_released(&stats);
+            assert_eq!(stats.passthrough_opens.load(Ordering::SeqCst), 3);
+            assert_eq!(stats.daemon_opens.load(Ordering::SeqCst), 3);
+            assert_eq!(
+                reader.reads.load(Ordering::SeqCst),
+                fetches,
+                "nothing fetched again"
+            );
+        }
+        mounted.unmount()?;
+        std::fs::remove_dir_all(&dir)?;
+        Ok(())
+    }
 }

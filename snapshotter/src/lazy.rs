@@ -45,14 +45,25 @@ pub enum LazyError {
     Failed(String),
 }
 
+/// How lazy layers are fetched and read.
+#[derive(Debug, Clone, Copy)]
+pub struct LazyOptions {
+    /// Fetch the files before a layer's prefetch landmark before its
+    /// Prepare answers.
+    pub prefetch: bool,
+    /// Fetch the rest of each layer in the background, at this many bytes
+    /// a second (`None`: not at all; stopped when the snapshot goes).
+    pub background: Option<u64>,
+    /// Open fully cached files through FUSE passthrough where the kernel
+    /// has it.
+    pub passthrough: bool,
+}
+
 /// The lazy layers of one snapshotter.
 pub struct Lazy {
     unpacker: Arc<Unpacker>,
     cache: Arc<ChunkCache>,
-    prefetch: bool,
-    /// Fetch the rest of each layer in the background, at this many bytes
-    /// a second (`None`: not at all).
-    background: Option<u64>,
+    opts: LazyOptions,
     mounts: Mutex<HashMap<u64, (Mounted, Arc<Layer>)>>,
     /// Lazy layers that could not be mounted again after a restart.
     broken: Mutex<std::collections::HashSet<u64>>,
@@ -150,22 +161,12 @@ fn failed(what: &str) -> impl Fn(strata_registry::Error) -> LazyError + '_ {
 
 impl Lazy {
     /// Lazy layers fetched through `unpacker`'s registry client, their
-    /// chunks cached in `cache` (which several snapshotters may share);
-    /// with `prefetch`, the files before a layer's prefetch landmark are
-    /// fetched before its Prepare answers; with `background`, the rest of
-    /// each layer is fetched afterwards at that many bytes a second
-    /// (stopped when the snapshot is removed).
-    pub fn new(
-        unpacker: Arc<Unpacker>,
-        cache: Arc<ChunkCache>,
-        prefetch: bool,
-        background: Option<u64>,
-    ) -> Lazy {
+    /// chunks cached in `cache` (which several snapshotters may share).
+    pub fn new(unpacker: Arc<Unpacker>, cache: Arc<ChunkCache>, opts: LazyOptions) -> Lazy {
         Lazy {
             unpacker,
             cache,
-            prefetch,
-            background,
+            opts,
             mounts: Mutex::new(HashMap::new()),
             broken: Mutex::new(std::collections::HashSet::new()),
             queue: Arc::new(Mutex::new(Queue {
@@ -245,7 +246,7 @@ impl Lazy {
         write_synced(&dir.join(KEPT_TOC), &kept)
             .map_err(|e| LazyError::Failed(format!("keeping the TOC: {e}")))?;
         let layer = self.mount_toc(id, toc, req, dir, lowers, userxattr)?;
-        if self.prefetch && layer.toc().prefetch_end > 0 {
+        if self.opts.prefetch && layer.toc().prefetch_end > 0 {
             let t = std::time::Instant::now();
             match layer.prefetch(layer.toc().prefetch_end, 8 << 20) {
                 Ok(n) => {
@@ -293,7 +294,7 @@ impl Lazy {
             &scope,
         ));
         let m = mount(
-            LayerFs::new(layer.clone(), userxattr),
+            LayerFs::new(layer.clone(), userxattr, self.opts.passthrough),
             &dir.join("fs"),
             &format!("strata-lazy:{}", req.layer),
         )
@@ -362,7 +363,7 @@ impl Lazy {
     /// until no layer was mounted for [`BACKGROUND_DELAY`] (a pull and its
     /// container's start come first) and then fetches one layer at a time.
     fn start_background(&self, layer: &Arc<Layer>, digest: &Digest) {
-        let Some(rate) = self.background else {
+        let Some(rate) = self.opts.background else {
             return;
         };
         let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
