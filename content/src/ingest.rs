@@ -201,6 +201,10 @@ impl Writer {
         if reference.is_empty() {
             return Err(Error::InvalidArgument("ref must not be empty".into()));
         }
+        strata_proto::limits::check_key("ref", reference)?;
+        if total < 0 {
+            return Err(Error::InvalidArgument(format!("negative total {total}")));
+        }
         if !expected.is_empty() {
             validate_digest(expected)?;
             if inner.blob(expected)?.is_some() {
@@ -352,7 +356,8 @@ impl Writer {
     }
 
     /// Commits the ingest as a blob. FailedPrecondition (ingest kept) for a
-    /// wrong size or digest; AlreadyExists (ingest dropped) if the blob is
+    /// wrong size or digest; InvalidArgument (ingest kept) for a label over
+    /// containerd's limit; AlreadyExists (ingest dropped) if the blob is
     /// there already. Returns the digest.
     pub fn commit(
         &mut self,
@@ -360,6 +365,7 @@ impl Writer {
         expected: &str,
         labels: BTreeMap<String, String>,
     ) -> Result<String> {
+        strata_proto::limits::check_labels(&labels)?;
         if size > 0 && size != self.offset {
             return Err(Error::FailedPrecondition(format!(
                 "unexpected commit size {}, expected {size}",

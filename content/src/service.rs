@@ -114,6 +114,12 @@ impl Session {
                 )));
             }
         }
+        if req.total < 0 {
+            return Err(Error::InvalidArgument(format!(
+                "negative total {}",
+                req.total
+            )));
+        }
         if req.total > 0 {
             self.total = req.total;
             self.writer.set_total(req.total);
@@ -126,10 +132,28 @@ impl Session {
                 msg.total = self.total;
             }
             Ok(action @ (pb::WriteAction::Write | pb::WriteAction::Commit)) => {
+                if req.offset < 0 {
+                    return Err(Error::InvalidArgument(format!(
+                        "negative write offset {}",
+                        req.offset
+                    )));
+                }
                 if req.offset > 0 && req.offset != ws.offset {
                     return Err(Error::OutOfRange(format!(
                         "write @{} must occur at current offset {}",
                         req.offset, ws.offset
+                    )));
+                }
+                // Bytes past the expected total could never commit: refuse
+                // them before they are stored (or the ingest truncated). A
+                // commit without data past it is Commit's size error.
+                let start = if req.offset == 0 { 0 } else { ws.offset };
+                let end = start.saturating_add(i64::try_from(req.data.len()).unwrap_or(i64::MAX));
+                if !req.data.is_empty() && self.total > 0 && end > self.total {
+                    return Err(Error::OutOfRange(format!(
+                        "write of {} bytes @{start} goes past the expected total of {} bytes",
+                        req.data.len(),
+                        self.total
                     )));
                 }
                 if req.offset == 0 && ws.offset > 0 {

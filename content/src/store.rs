@@ -358,7 +358,8 @@ impl ContentStore {
         self.inner.abort(reference)
     }
 
-    /// Opens (or resumes) the ingest `reference`. Unavailable while another
+    /// Opens (or resumes) the ingest `reference`. InvalidArgument for an
+    /// empty or over-long ref or a negative total. Unavailable while another
     /// writer holds it; AlreadyExists if `expected` is committed already;
     /// FailedPrecondition if it was started with another `total`.
     pub fn writer(&self, reference: &str, total: i64, expected: &str) -> Result<Writer> {
@@ -425,6 +426,7 @@ impl Inner {
 
     fn update(&self, info: Info, paths: &[String]) -> Result<Info> {
         validate_digest(&info.digest)?;
+        strata_proto::limits::check_labels(&info.labels)?;
         let _g = self.blobs.lock().unwrap_or_else(|p| p.into_inner());
         let mut r = self
             .blob(&info.digest)?

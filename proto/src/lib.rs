@@ -1,6 +1,7 @@
 //! containerd's gRPC APIs as strata speaks them: `containerd.services.snapshots.v1`,
 //! `containerd.services.content.v1` and the `containerd.types` they use, plus
-//! containerd's filter language ([`filters`]), which List calls carry.
+//! containerd's filter language ([`filters`]), which List calls carry, and
+//! the limits on keys and labels ([`limits`]).
 //!
 //! The `.proto` files under `proto/containerd/` are strata's own copies of
 //! containerd's wire contract (package names, messages and field numbers),
@@ -8,6 +9,7 @@
 
 pub mod errdefs;
 pub mod filters;
+pub mod limits;
 
 /// The generated code, laid out as the proto packages nest.
 pub mod containerd {

@@ -74,6 +74,12 @@ impl From<Error> for tonic::Status {
     }
 }
 
+impl From<strata_proto::limits::LimitError> for Error {
+    fn from(e: strata_proto::limits::LimitError) -> Self {
+        Error::InvalidArgument(e.to_string())
+    }
+}
+
 impl From<tokio::task::JoinError> for Error {
     fn from(e: tokio::task::JoinError) -> Self {
         Error::Internal(format!("blocking task failed: {e}"))

@@ -9,6 +9,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
 use rocksdb::{ColumnFamily, Direction, IteratorMode, ReadOptions, WriteBatch, WriteOptions, DB};
+use strata_proto::limits::{check_key, check_labels};
 
 use crate::error::{Error, Result};
 use crate::locks::{Guard, KeyLocks};
@@ -225,6 +226,8 @@ impl MetaStore {
                 "snapshot key must not be empty".into(),
             ));
         }
+        check_key("snapshot key", key)?;
+        check_labels(&labels)?;
         if kind == Kind::Committed {
             return Err(Error::InvalidArgument(
                 "only active or view snapshots can be created".into(),
@@ -339,6 +342,8 @@ impl MetaStore {
                 "snapshot name must not be empty".into(),
             ));
         }
+        check_key("snapshot name", name)?;
+        check_labels(&labels)?;
         let _guard = self.locks.lock(&[name], &[parent]);
         if self.read(name)?.is_some() {
             return Err(Error::AlreadyExists(format!("snapshot {name:?}")));
@@ -393,6 +398,8 @@ impl MetaStore {
                 "commit name must not be empty".into(),
             ));
         }
+        check_key("commit name", name)?;
+        check_labels(&labels)?;
         let _guard = self.locks.lock(&[key, name], &[]);
         let active = self.get(key)?;
         if self.read(name)?.is_some() {
@@ -460,8 +467,10 @@ impl MetaStore {
     }
 
     /// Updates labels of `info.name`: all of them with no field paths or
-    /// `labels`, one with `labels.KEY`; any other path is InvalidArgument.
+    /// `labels`, one with `labels.KEY`; any other path, or a label over
+    /// containerd's size limit, is InvalidArgument.
     pub fn update(&self, info: Info, paths: &[String]) -> Result<Record> {
+        check_labels(&info.labels)?;
         let _guard = self.locks.lock(&[&info.name], &[]);
         let mut rec = self.get(&info.name)?;
         if paths.is_empty() {

@@ -382,6 +382,10 @@ impl Inner {
     }
 
     fn create(&self, kind: Kind, key: &str, parent: &str, labels: Labels) -> Result<Vec<Mount>> {
+        // Before a remote layer is fetched for nothing (begin_create and
+        // create_committed check them again).
+        strata_proto::limits::check_key("snapshot key", key)?;
+        strata_proto::limits::check_labels(&labels)?;
         if let (Kind::Active, Some(unpacker)) = (kind, &self.unpacker) {
             match LayerRequest::from_labels(&labels) {
                 None => {}
@@ -1112,7 +1116,10 @@ mod walk_tests {
                 ..Default::default()
             },
         )?;
-        let big: Labels = [("big".to_string(), "x".repeat(200_000))].into();
+        // 200 KB of labels per snapshot, each within containerd's 4 KiB.
+        let big: Labels = (0..50)
+            .map(|i| (format!("big{i:02}"), "x".repeat(4000)))
+            .collect();
         for i in 0..30 {
             s.view(&format!("v{i:02}"), "", big.clone()).await?;
         }
