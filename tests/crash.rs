@@ -626,24 +626,85 @@ fn kill(strata: &Strata) -> Result<()> {
     Ok(())
 }
 
+/// Three clients churn strata for a random while; then SIGKILL.
+async fn churn_then_kill(strata: &Strata, model: &Shared, rng: &mut Rng) -> Result<()> {
+    let socket = strata.socket.clone();
+    let tasks = vec![
+        tokio::spawn(snapshot_churn(socket.clone(), 0, model.clone(), rng.next())),
+        tokio::spawn(snapshot_churn(socket.clone(), 1, model.clone(), rng.next())),
+        tokio::spawn(content_churn(socket.clone(), model.clone(), rng.next())),
+    ];
+    tokio::time::sleep(Duration::from_millis(5 + rng.below(150) as u64)).await;
+    kill(strata)?;
+    for t in tasks {
+        t.await.context("a client panicked")??;
+    }
+    Ok(())
+}
+
+/// After a restart: the checks, then a directory per snapshot.
+async fn restart_checks(strata: &Strata, model: &Shared, counts: &mut Counts) -> Result<()> {
+    check(&strata.socket, model, counts).await?;
+    let listed_now = lock(model).snaps.len();
+    let on_disk = snapshot_dirs(&strata.root)?;
+    ensure!(
+        on_disk == listed_now,
+        "after Cleanup: {on_disk} snapshot directories for {listed_now} snapshots"
+    );
+    Ok(())
+}
+
+fn fsck(bin: &Path, root: &Path, config: &str) -> Result<()> {
+    let out = std::process::Command::new(bin)
+        .args(["fsck", "--root"])
+        .arg(root)
+        .args(["--config", config])
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "fsck: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn seed() -> u64 {
+    env_or(
+        "STRATA_CRASH_SEED",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1),
+    )
+}
+
+fn summary(line: &str) -> Result<()> {
+    if let Some(f) = std::env::var_os("STRATA_SUMMARY") {
+        use std::io::Write as _;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(f)?;
+        writeln!(f, "{line}")?;
+    }
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_at_random_points_loses_nothing() -> Result<()> {
     common::require_root();
     let tmp = common::tempdir();
     let dir = tmp.path();
-    let kills: u64 = std::env::var("STRATA_CRASH_KILLS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(300);
-    let seed: u64 = std::env::var("STRATA_CRASH_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(1)
-        });
+    let kills: u64 = env_or("STRATA_CRASH_KILLS", 300);
+    let seed = seed();
     eprintln!("crash harness: {kills} kills, STRATA_CRASH_SEED={seed}");
     let config = dir.join("strata.toml");
     std::fs::write(&config, "[content]\ncompact_interval_secs = 1\n")?;
@@ -655,43 +716,17 @@ async fn sigkill_at_random_points_loses_nothing() -> Result<()> {
     let mut counts = Counts::default();
     let mut strata = Strata::start(&bin, dir, &args)?;
     for k in 0..kills {
-        let socket = strata.socket.clone();
-        let tasks = vec![
-            tokio::spawn(snapshot_churn(socket.clone(), 0, model.clone(), rng.next())),
-            tokio::spawn(snapshot_churn(socket.clone(), 1, model.clone(), rng.next())),
-            tokio::spawn(content_churn(socket.clone(), model.clone(), rng.next())),
-        ];
-        tokio::time::sleep(Duration::from_millis(5 + rng.below(150) as u64)).await;
-        kill(&strata)?;
-        for t in tasks {
-            t.await.context("a client panicked")??;
-        }
+        churn_then_kill(&strata, &model, &mut rng).await?;
         let root = strata.root.clone();
         drop(strata);
         if k % 10 == 0 {
-            let out = std::process::Command::new(&bin)
-                .args(["fsck", "--root"])
-                .arg(&root)
-                .args(["--config", config.as_str()])
-                .output()?;
-            ensure!(
-                out.status.success(),
-                "fsck after kill {k}: {}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
+            fsck(&bin, &root, &config).with_context(|| format!("after kill {k}"))?;
             counts.fsck += 1;
         }
         strata = Strata::start(&bin, dir, &args)?;
-        check(&strata.socket, &model, &mut counts)
+        restart_checks(&strata, &model, &mut counts)
             .await
             .with_context(|| format!("after kill {k} (STRATA_CRASH_SEED={seed})"))?;
-        let listed_now = lock(&model).snaps.len();
-        let on_disk = snapshot_dirs(&strata.root)?;
-        ensure!(
-            on_disk == listed_now,
-            "after kill {k} and Cleanup: {on_disk} snapshot directories for {listed_now} snapshots"
-        );
     }
 
     // Everything can still be removed, children first, and nothing is left.
@@ -720,21 +755,189 @@ async fn sigkill_at_random_points_loses_nothing() -> Result<()> {
         snapshot_dirs(&strata.root)? == 0,
         "directories left after removing every snapshot"
     );
-    let m = lock(&model);
-    let summary = format!(
-        "crash: {kills} SIGKILLs survived (seed {seed}): {} acknowledged RPCs held, {} cut short resolved all-or-nothing, {} ingests resumed, {} fsck runs clean, {} removals of a parent refused",
-        m.acked, counts.uncertain, counts.resumed, counts.fsck, m.refused_parent_removals
-    );
-    drop(m);
-    eprintln!("{summary}");
-    if let Some(f) = std::env::var_os("STRATA_SUMMARY") {
-        use std::io::Write as _;
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(f)?;
-        writeln!(f, "kills={kills}")?;
-    }
+    let line = {
+        let m = lock(&model);
+        format!(
+            "crash: {kills} SIGKILLs survived (seed {seed}): {} acknowledged RPCs held, {} cut short resolved all-or-nothing, {} ingests resumed, {} fsck runs clean, {} removals of a parent refused",
+            m.acked, counts.uncertain, counts.resumed, counts.fsck, m.refused_parent_removals
+        )
+    };
+    eprintln!("{line}");
+    summary(&format!("kills={kills}"))?;
     strata.stop()?;
+    Ok(())
+}
+
+/// Runs a command; fails with its output if it fails.
+fn sh(cmd: &str, args: &[&str]) -> Result<String> {
+    let out = std::process::Command::new(cmd).args(args).output()?;
+    ensure!(
+        out.status.success(),
+        "{cmd} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// An ext4 filesystem in a file, on a loop device, mounted; unmounted and
+/// detached when dropped.
+struct Disk {
+    img: PathBuf,
+    mnt: PathBuf,
+    dev: Option<String>,
+}
+
+impl Disk {
+    fn create(img: &Path, mnt: &Path, mib: u64) -> Result<Disk> {
+        let f = std::fs::File::create(img)?;
+        f.set_len(mib << 20)?;
+        sh("mkfs.ext4", &["-q", "-F", &img.display().to_string()])?;
+        std::fs::create_dir_all(mnt)?;
+        let mut d = Disk {
+            img: img.to_path_buf(),
+            mnt: mnt.to_path_buf(),
+            dev: None,
+        };
+        d.attach()?;
+        Ok(d)
+    }
+
+    /// Attaches the image and mounts it (replaying its journal). No
+    /// periodic journal commit: only what strata syncs reaches the device
+    /// before a cut.
+    fn attach(&mut self) -> Result<()> {
+        let dev = sh(
+            "losetup",
+            &["--find", "--show", &self.img.display().to_string()],
+        )?;
+        self.dev = Some(dev.clone());
+        sh(
+            "mount",
+            &[
+                "-t",
+                "ext4",
+                "-o",
+                "commit=600,noauto_da_alloc",
+                &dev,
+                &self.mnt.display().to_string(),
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn detach(&mut self) -> Result<()> {
+        if let Some(dev) = self.dev.take() {
+            sh("umount", &[&self.mnt.display().to_string()])?;
+            sh("losetup", &["-d", &dev])?;
+        }
+        Ok(())
+    }
+
+    /// A power cut: the device's bytes as they are now become the disk
+    /// (what was never written back is lost), and it is mounted again.
+    fn cut(&mut self) -> Result<()> {
+        let copy = self.img.with_extension("cut");
+        sh(
+            "cp",
+            &[
+                "--sparse=always",
+                &self.img.display().to_string(),
+                &copy.display().to_string(),
+            ],
+        )?;
+        self.detach()?;
+        std::fs::rename(&copy, &self.img)?;
+        self.attach()
+    }
+}
+
+impl Drop for Disk {
+    fn drop(&mut self) {
+        if let Some(dev) = self.dev.take() {
+            let m = self.mnt.display().to_string();
+            if sh("umount", &[&m]).is_err() {
+                let _ = sh("umount", &["-l", &m]);
+            }
+            let _ = sh("losetup", &["-d", &dev]);
+        }
+    }
+}
+
+/// Kernel writeback settings, put back when dropped.
+struct Writeback(Vec<(&'static str, String)>);
+
+impl Writeback {
+    /// No periodic writeback: dirty pages stay in memory until something
+    /// syncs them, so a copy of the device after a kill holds only what
+    /// was synced (and what strata's own syncs pushed out).
+    fn hold() -> Result<Writeback> {
+        let mut old = Vec::new();
+        for (k, v) in [
+            ("/proc/sys/vm/dirty_writeback_centisecs", "0"),
+            ("/proc/sys/vm/dirty_expire_centisecs", "360000"),
+        ] {
+            old.push((k, std::fs::read_to_string(k)?.trim().to_string()));
+            std::fs::write(k, v)?;
+        }
+        Ok(Writeback(old))
+    }
+}
+
+impl Drop for Writeback {
+    fn drop(&mut self) {
+        for (k, v) in &self.0 {
+            let _ = std::fs::write(k, v);
+        }
+    }
+}
+
+/// Power loss: strata's root is on a loop device whose image, copied right
+/// after a SIGKILL with kernel writeback held off, keeps only what was
+/// written back, which is what a disk keeps when the power goes (unsynced
+/// writes lost). The copy becomes the disk, its journal is replayed, and
+/// strata starts on it: every acknowledged RPC must still hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn power_cuts_lose_nothing_acknowledged() -> Result<()> {
+    common::require_root();
+    let tmp = common::tempdir();
+    let dir = tmp.path();
+    let cuts: u64 = env_or("STRATA_POWER_CUTS", 40);
+    let seed = seed();
+    eprintln!("power-cut harness: {cuts} cuts, STRATA_CRASH_SEED={seed}");
+    let config = dir.join("strata.toml");
+    std::fs::write(&config, "[content]\ncompact_interval_secs = 1\n")?;
+    let config = config.display().to_string();
+    let args = ["--log-level", "warn", "--config", config.as_str()];
+    let bin = common::strata_bin();
+    let _writeback = Writeback::hold()?;
+    let mnt = dir.join("disk");
+    let mut disk = Disk::create(&dir.join("disk.img"), &mnt, 384)?;
+    let model: Shared = Arc::default();
+    let mut rng = Rng(seed | 1);
+    let mut counts = Counts::default();
+    let mut strata = Strata::start(&bin, &mnt, &args)?;
+    for k in 0..cuts {
+        churn_then_kill(&strata, &model, &mut rng).await?;
+        let root = strata.root.clone();
+        drop(strata);
+        disk.cut().with_context(|| format!("power cut {k}"))?;
+        fsck(&bin, &root, &config).with_context(|| format!("after power cut {k}"))?;
+        counts.fsck += 1;
+        strata = Strata::start(&bin, &mnt, &args)?;
+        restart_checks(&strata, &model, &mut counts)
+            .await
+            .with_context(|| format!("after power cut {k} (STRATA_CRASH_SEED={seed})"))?;
+    }
+    let line = {
+        let m = lock(&model);
+        format!(
+            "power: {cuts} power cuts survived (seed {seed}): {} acknowledged RPCs held, {} cut short resolved all-or-nothing, {} ingests resumed, {} fsck runs clean",
+            m.acked, counts.uncertain, counts.resumed, counts.fsck
+        )
+    };
+    eprintln!("{line}");
+    summary(&format!("power_cuts={cuts}"))?;
+    strata.stop()?;
+    disk.detach()?;
     Ok(())
 }

@@ -172,7 +172,9 @@ impl LayerFs {
         });
         match backing {
             Some(id) => {
-                self.stats.passthrough_opens.fetch_add(1, Ordering::Relaxed);
+                if self.stats.passthrough_opens.fetch_add(1, Ordering::Relaxed) == 0 {
+                    tracing::info!(path = %self.layer.toc().path(i), "first open through FUSE passthrough on this layer");
+                }
                 reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id);
                 o.modes.insert(i, Mode::Passthrough(1, id));
             }

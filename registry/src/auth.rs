@@ -156,8 +156,22 @@ fn parse_docker_config(bytes: &[u8], path: &Path) -> Result<HashMap<String, Cred
         #[serde(default, rename = "identitytoken")]
         identity_token: Option<String>,
     }
-    let file: File = serde_json::from_slice(bytes)
-        .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+    // Not `{e}`: serde_json quotes the offending value, which may be a
+    // credential (`"auths": {"h": "<base64>"}`); say where, not what.
+    let file: File = serde_json::from_slice(bytes).map_err(|e| {
+        let kind = match e.classify() {
+            serde_json::error::Category::Io => "read",
+            serde_json::error::Category::Syntax => "syntax",
+            serde_json::error::Category::Data => "unexpected value",
+            serde_json::error::Category::Eof => "unexpected end",
+        };
+        Error::Config(format!(
+            "{}: not a docker config.json ({kind} at line {}, column {})",
+            path.display(),
+            e.line(),
+            e.column()
+        ))
+    })?;
     if file.creds_store.is_some() || file.cred_helpers.is_some() {
         tracing::debug!(path = %path.display(), "credential helpers are not supported; using \"auths\" only");
     }
@@ -637,5 +651,27 @@ mod tests {
         }
         assert!(Credentials::parse("nopassword").is_err());
         assert!(Credentials::parse(":x").is_err());
+    }
+
+    #[test]
+    fn malformed_docker_config_errors_do_not_quote_secrets() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.json");
+        for text in [
+            r#"{"auths": {"h": "dXNlcjpTRUNSRVQ="}}"#,
+            r#"{"auths": {"h": {"username": "u", "password": 271828}}}"#,
+        ] {
+            std::fs::write(&path, text).unwrap();
+            match CredentialStore::load(None, &DockerConfig::Path(path.clone())) {
+                Err(Error::Config(m)) => {
+                    assert!(m.contains("line 1"), "{m}");
+                    assert!(
+                        !m.contains("dXNlcjpTRUNSRVQ=") && !m.contains("271828"),
+                        "{m}"
+                    );
+                }
+                other => panic!("{text}: {:?}", other.map(|_| ())),
+            }
+        }
     }
 }

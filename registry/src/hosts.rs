@@ -294,7 +294,16 @@ fn clean_path(p: &str) -> String {
 }
 
 fn parse_hosts_toml(text: &str, dir: &Path) -> std::result::Result<Vec<HostEntry>, String> {
-    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| e.to_string())?;
+    // Not `{e}`: it quotes the offending line, which may hold a header's
+    // credential; say where, not what.
+    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| match e.span() {
+        Some(s) => {
+            let before = &text.as_bytes()[..s.start.min(text.len())];
+            let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+            format!("line {line}: {}", e.message())
+        }
+        None => e.message().to_string(),
+    })?;
     let mut hosts = Vec::new();
     if let Some(h) = table.get("host") {
         let h = h
@@ -649,6 +658,24 @@ skip_verify = false
                 Err(Error::Config(msg)) => assert!(msg.contains(want), "{msg}"),
                 other => panic!("{text:?}: {other:?}"),
             }
+        }
+    }
+
+    #[tokio::test]
+    async fn malformed_files_do_not_quote_their_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("bad.io")).unwrap();
+        let text = "server = \"https://bad.io\"\n[header]\nauthorization = Bearer SECRETTOKEN\n";
+        std::fs::write(dir.path().join("bad.io/hosts.toml"), text).unwrap();
+        match load_hosts(&opts(dir.path()), "bad.io").await {
+            Err(Error::Config(msg)) => {
+                assert!(
+                    msg.contains("hosts.toml") && msg.contains("line 3"),
+                    "{msg}"
+                );
+                assert!(!msg.contains("SECRETTOKEN"), "{msg}");
+            }
+            other => panic!("{other:?}"),
         }
     }
 
