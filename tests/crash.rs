@@ -89,6 +89,9 @@ struct Model {
     next: u64,
     acked: u64,
     refused_parent_removals: u64,
+    /// Set just before the kill: from then on a failed RPC may be the
+    /// kill's doing; before, it is a failure of strata's.
+    dying: bool,
 }
 
 impl Model {
@@ -316,7 +319,10 @@ async fn snapshot_churn(socket: PathBuf, t: usize, model: Shared, seed: u64) -> 
                 // A Prepare on a parent another client just removed.
             }
             // Cut short by the kill: it stays pending.
-            Err(_) => return Ok(()),
+            Err(e) => {
+                ensure!(m.dying, "snapshot RPC failed before the kill: {e:?}");
+                return Ok(());
+            }
         }
     }
 }
@@ -371,7 +377,10 @@ async fn content_churn(socket: PathBuf, model: Shared, seed: u64) -> Result<()> 
                         m.acked += 1;
                         m.blobs.insert(d, data);
                     }
-                    Err(_) => return Ok(()),
+                    Err(e) => {
+                        ensure!(m.dying, "put of {d} failed before the kill: {e:#}");
+                        return Ok(());
+                    }
                 }
             }
             Err(d) => {
@@ -386,7 +395,10 @@ async fn content_churn(socket: PathBuf, model: Shared, seed: u64) -> Result<()> 
                         m.blobs.remove(&d);
                     }
                     Err(e) if definite(e.code()) => bail!("Delete of {d}: {e:?}"),
-                    Err(_) => return Ok(()),
+                    Err(e) => {
+                        ensure!(m.dying, "Delete of {d} failed before the kill: {e:?}");
+                        return Ok(());
+                    }
                 }
             }
         }
@@ -597,6 +609,26 @@ async fn check(socket: &Path, model: &Shared, counts: &mut Counts) -> Result<()>
         m.ingests.clear();
     }
 
+    // The content store lists exactly the blobs that should be there:
+    // none deleted comes back, none that nobody put appears.
+    let mut s = cc
+        .list(cpb::ListContentRequest { filters: vec![] })
+        .await?
+        .into_inner();
+    let mut have = std::collections::BTreeSet::new();
+    while let Some(r) = s.message().await? {
+        have.extend(r.info.into_iter().map(|i| i.digest));
+    }
+    let want: std::collections::BTreeSet<String> = lock(model).blobs.keys().cloned().collect();
+    ensure!(
+        have == want,
+        "content lists {} blobs, the model {}: extra {:?}, missing {:?}",
+        have.len(),
+        want.len(),
+        have.difference(&want).collect::<Vec<_>>(),
+        want.difference(&have).collect::<Vec<_>>()
+    );
+
     // Leftovers cleaned: after Cleanup, a directory per snapshot.
     let mut c = strata::client::snapshots(socket).await?;
     c.cleanup(pb::CleanupRequest {
@@ -626,15 +658,47 @@ fn kill(strata: &Strata) -> Result<()> {
     Ok(())
 }
 
-/// Three clients churn strata for a random while; then SIGKILL.
-async fn churn_then_kill(strata: &Strata, model: &Shared, rng: &mut Rng) -> Result<()> {
+/// Which clients churn in a round.
+#[derive(Clone, Copy)]
+enum Churn {
+    All,
+    SnapshotsOnly,
+    ContentOnly,
+}
+
+/// Clients churn strata for a random while; then SIGKILL.
+async fn churn_then_kill(
+    strata: &Strata,
+    model: &Shared,
+    rng: &mut Rng,
+    churn: Churn,
+) -> Result<()> {
     let socket = strata.socket.clone();
-    let tasks = vec![
-        tokio::spawn(snapshot_churn(socket.clone(), 0, model.clone(), rng.next())),
-        tokio::spawn(snapshot_churn(socket.clone(), 1, model.clone(), rng.next())),
-        tokio::spawn(content_churn(socket.clone(), model.clone(), rng.next())),
-    ];
+    lock(model).dying = false;
+    let mut tasks = Vec::new();
+    if !matches!(churn, Churn::ContentOnly) {
+        tasks.push(tokio::spawn(snapshot_churn(
+            socket.clone(),
+            0,
+            model.clone(),
+            rng.next(),
+        )));
+        tasks.push(tokio::spawn(snapshot_churn(
+            socket.clone(),
+            1,
+            model.clone(),
+            rng.next(),
+        )));
+    }
+    if !matches!(churn, Churn::SnapshotsOnly) {
+        tasks.push(tokio::spawn(content_churn(
+            socket.clone(),
+            model.clone(),
+            rng.next(),
+        )));
+    }
     tokio::time::sleep(Duration::from_millis(5 + rng.below(150) as u64)).await;
+    lock(model).dying = true;
     kill(strata)?;
     for t in tasks {
         t.await.context("a client panicked")??;
@@ -716,7 +780,7 @@ async fn sigkill_at_random_points_loses_nothing() -> Result<()> {
     let mut counts = Counts::default();
     let mut strata = Strata::start(&bin, dir, &args)?;
     for k in 0..kills {
-        churn_then_kill(&strata, &model, &mut rng).await?;
+        churn_then_kill(&strata, &model, &mut rng, Churn::All).await?;
         let root = strata.root.clone();
         drop(strata);
         if k % 10 == 0 {
@@ -871,15 +935,21 @@ impl Writeback {
     /// syncs them, so a copy of the device after a kill holds only what
     /// was synced (and what strata's own syncs pushed out).
     fn hold() -> Result<Writeback> {
-        let mut old = Vec::new();
+        // Each setting is put back on drop once it was read, even if a
+        // later one fails.
+        let mut held = Writeback(Vec::new());
         for (k, v) in [
             ("/proc/sys/vm/dirty_writeback_centisecs", "0"),
             ("/proc/sys/vm/dirty_expire_centisecs", "360000"),
+            // No writeback for crossing a dirty threshold either.
+            ("/proc/sys/vm/dirty_background_ratio", "50"),
+            ("/proc/sys/vm/dirty_ratio", "80"),
         ] {
-            old.push((k, std::fs::read_to_string(k)?.trim().to_string()));
+            held.0
+                .push((k, std::fs::read_to_string(k)?.trim().to_string()));
             std::fs::write(k, v)?;
         }
-        Ok(Writeback(old))
+        Ok(held)
     }
 }
 
@@ -917,7 +987,10 @@ async fn power_cuts_lose_nothing_acknowledged() -> Result<()> {
     let mut counts = Counts::default();
     let mut strata = Strata::start(&bin, &mnt, &args)?;
     for k in 0..cuts {
-        churn_then_kill(&strata, &model, &mut rng).await?;
+        // Alone, each store's syncs must be enough: no sync of the other
+        // store's can make its writes durable by the way.
+        let churn = [Churn::All, Churn::SnapshotsOnly, Churn::ContentOnly][(k % 3) as usize];
+        churn_then_kill(&strata, &model, &mut rng, churn).await?;
         let root = strata.root.clone();
         drop(strata);
         disk.cut().with_context(|| format!("power cut {k}"))?;

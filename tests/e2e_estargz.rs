@@ -202,7 +202,11 @@ fn estargz_from_ctr_remote_reads_back_by_ranges_verified() -> Result<()> {
             "test/esgz",
         ));
         lazy_layers.push(layer.clone());
-        mounts.push(mount(LayerFs::new(layer, false), &mp, "strata-lazy-test")?);
+        mounts.push(mount(
+            LayerFs::new(layer, false, true),
+            &mp,
+            "strata-lazy-test",
+        )?);
         lowers.push(mp);
     }
     let merged = dir.join("merged");

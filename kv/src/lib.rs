@@ -62,6 +62,21 @@ pub fn merge_max_u64(_key: &[u8], existing: Option<&[u8]>, ops: &MergeOperands) 
     Some(max.to_be_bytes().to_vec())
 }
 
+/// Whether an I/O error says the filesystem is full (ENOSPC, or EDQUOT: a
+/// quota that is used up is as full to strata).
+pub fn io_disk_full(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+    ) || e.raw_os_error() == Some(28)
+}
+
+/// Whether a RocksDB error is its "no space" I/O error (a write that found
+/// the disk full, or every write after one, until RocksDB recovers).
+pub fn db_disk_full(e: &rocksdb::Error) -> bool {
+    e.kind() == rocksdb::ErrorKind::IOError && e.as_ref().contains("No space left on device")
+}
+
 /// Now, in nanoseconds since the epoch.
 pub fn now_ns() -> i64 {
     SystemTime::now()
@@ -160,5 +175,14 @@ mod tests {
         assert_eq!(decode_u64(&5u64.to_be_bytes()), 5);
         assert_eq!(decode_u64(b"bad"), 0);
         assert!(time_of(now_ns()) > UNIX_EPOCH);
+    }
+
+    #[test]
+    fn a_full_disk_is_recognised() {
+        assert!(io_disk_full(&std::io::Error::from_raw_os_error(28)));
+        assert!(io_disk_full(&std::io::Error::from(
+            std::io::ErrorKind::StorageFull
+        )));
+        assert!(!io_disk_full(&std::io::Error::from_raw_os_error(5)));
     }
 }

@@ -172,9 +172,11 @@ impl ChunkCache {
             let tick = st.tick;
             match st.entries.insert(*key, (len, tick)) {
                 None => st.total += len,
-                // Put twice at once: one entry, its newest tick.
-                Some((_, old)) => {
+                // Put twice at once: one entry (the last file renamed into
+                // place), its newest tick.
+                Some((old_len, old)) => {
                     st.lru.remove(&old);
+                    st.total = st.total - old_len + len;
                 }
             }
             st.lru.insert(tick, *key);
@@ -261,6 +263,10 @@ struct InFlight {
 /// Decoded chunks kept in memory per layer.
 const RECENT_CHUNKS: usize = 4;
 
+/// A file of one chunk up to this size is checked when it is opened; a
+/// larger one by [`Layer::prepare_whole`] in the background.
+pub const QUICK_CHECK: u64 = 4 << 20;
+
 /// A read that misses fetches the chunks after its own in the blob too, up
 /// to this many compressed bytes in one range request.
 pub const READ_WINDOW: u64 = 1 << 20;
@@ -306,10 +312,9 @@ pub struct Layer {
     inflight: Mutex<HashMap<[u8; 32], Arc<InFlight>>>,
     /// Set when the layer goes: background work stops.
     cancelled: std::sync::atomic::AtomicBool,
-    /// Files whose whole-file cache entry was checked in this run.
-    verified: Mutex<std::collections::HashSet<usize>>,
-    /// Held while a whole file is checked or put together.
-    whole: Mutex<()>,
+    /// Files whose whole-file cache entry was checked in this run, with
+    /// the (device, inode) of the file that was checked.
+    verified: Mutex<HashMap<usize, (u64, u64)>>,
 }
 
 impl Layer {
@@ -344,8 +349,7 @@ impl Layer {
             inflight: Mutex::new(HashMap::new()),
             order,
             cancelled: std::sync::atomic::AtomicBool::new(false),
-            verified: Mutex::new(std::collections::HashSet::new()),
-            whole: Mutex::new(()),
+            verified: Mutex::new(HashMap::new()),
         }
     }
 
@@ -441,20 +445,25 @@ impl Layer {
     }
 
     /// The cache key of file `node` whole: its chunk's key if it has one
-    /// chunk, else a key of its chunk list.
+    /// chunk, else a key of its chunk list, in a domain of its own (no
+    /// chunk's key can be a whole file's).
     fn whole_key(&self, node: usize) -> [u8; 32] {
         let n = &self.toc.nodes[node];
         if let [c] = n.chunks.as_slice() {
             return ChunkCache::key(&self.scope, &c.digest);
         }
         let mut h = Sha256::new();
-        h.update(b"strata whole file\0");
         for c in &n.chunks {
             h.update(c.file_offset.to_le_bytes());
             h.update(c.size.to_le_bytes());
             h.update(c.digest);
         }
-        ChunkCache::key(&self.scope, &h.finalize().into())
+        let list: [u8; 32] = h.finalize().into();
+        let mut k = Sha256::new();
+        k.update(self.scope.as_bytes());
+        k.update([1u8]);
+        k.update(list);
+        k.finalize().into()
     }
 
     /// Whether `f` holds exactly the chunks of `node`, each as its digest
@@ -473,47 +482,84 @@ impl Layer {
         })
     }
 
-    /// Whether file `node` whole is in the cache and was checked in this
-    /// run (its next open can pass through at once).
-    pub fn whole_ready(&self, node: usize) -> bool {
-        self.verified
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(&node)
-            && self.cache.contains(&self.whole_key(node))
+    fn file_id(f: &std::fs::File) -> Option<(u64, u64)> {
+        use std::os::unix::fs::MetadataExt as _;
+        f.metadata().ok().map(|m| (m.dev(), m.ino()))
     }
 
-    /// Regular file `node` whole, as a verified file of the cache, if all
-    /// of it is cached (nothing is fetched): what FUSE passthrough reads.
-    /// A file of one chunk is that chunk's entry; a longer one is put
-    /// together from its cached chunks once, and kept as an entry of its
-    /// own (its bytes then count twice against the cache's limit until
-    /// one or the other is evicted). An entry is checked against the
-    /// chunk digests the first time it is opened in a run.
+    /// The whole-file entry of `node`, open, if it is the very file that
+    /// was checked in this run.
+    fn checked_entry(&self, node: usize) -> Option<std::fs::File> {
+        let f = self.cache.open_entry(&self.whole_key(node))?;
+        let id = Self::file_id(&f)?;
+        let verified = self.verified.lock().unwrap_or_else(|p| p.into_inner());
+        (verified.get(&node) == Some(&id)).then_some(f)
+    }
+
+    /// Checks `f` (the entry under `key`) as file `node`: remembered as
+    /// checked if it passes, dropped from the cache if not.
+    fn check_entry(&self, node: usize, key: &[u8; 32], f: std::fs::File) -> Option<std::fs::File> {
+        let id = Self::file_id(&f)?;
+        if self.check_whole(node, &f) {
+            self.verified
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(node, id);
+            return Some(f);
+        }
+        tracing::warn!(path = %self.toc.path(node), "cached file damaged: dropped");
+        self.cache.drop_entry(key);
+        None
+    }
+
+    /// Regular file `node` whole, as a checked file of the cache, if that
+    /// is quick: its entry was checked in this run, or it is one chunk of
+    /// at most [`QUICK_CHECK`] bytes, checked now. What FUSE passthrough
+    /// reads. Nothing is fetched or put together here
+    /// ([`Layer::prepare_whole`] does that).
     pub fn whole_file(&self, node: usize) -> Option<std::fs::File> {
         let n = &self.toc.nodes[node];
         if n.kind != Kind::File || n.chunks.is_empty() {
             return None;
         }
-        let key = self.whole_key(node);
-        let _one_at_a_time = self.whole.lock().unwrap_or_else(|p| p.into_inner());
-        let mut verified = self.verified.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(f) = self.cache.open_entry(&key) {
-            if verified.contains(&node) || self.check_whole(node, &f) {
-                verified.insert(node);
-                return Some(f);
+        if let Some(f) = self.checked_entry(node) {
+            return Some(f);
+        }
+        match n.chunks.as_slice() {
+            [c] if c.size <= QUICK_CHECK => {
+                let key = self.whole_key(node);
+                let f = self.cache.open_entry(&key)?;
+                self.check_entry(node, &key, f)
             }
-            tracing::warn!(path = %self.toc.path(node), "cached file damaged: dropped");
-            self.cache.drop_entry(&key);
-            verified.remove(&node);
-            return None;
+            _ => None,
+        }
+    }
+
+    /// Makes file `node` ready for [`Layer::whole_file`], however long
+    /// that takes (for a background worker): checks its whole-file entry,
+    /// or, if every chunk is cached, puts it together from them (each
+    /// checked as it is read). Nothing is fetched. Whether it is ready.
+    pub fn prepare_whole(&self, node: usize) -> bool {
+        let n = &self.toc.nodes[node];
+        if n.kind != Kind::File || n.chunks.is_empty() || self.is_cancelled() {
+            return false;
+        }
+        if self.checked_entry(node).is_some() {
+            return true;
+        }
+        let key = self.whole_key(node);
+        if let Some(f) = self.cache.open_entry(&key) {
+            return self.check_entry(node, &key, f).is_some();
         }
         if n.chunks.len() == 1 || !self.fully_cached(node) {
-            return None;
+            return false;
         }
         let put = self.cache.put_with(&key, |f| {
             let mut len = 0;
             for i in 0..n.chunks.len() {
+                if self.is_cancelled() {
+                    return Err(std::io::Error::other("the layer is going away"));
+                }
                 let b = self
                     .cached_chunk(node, i)
                     .ok_or_else(|| std::io::Error::other("a chunk left the cache"))?;
@@ -524,11 +570,22 @@ impl Layer {
         });
         if let Err(e) = put {
             tracing::debug!(path = %self.toc.path(node), error = %e, "file not put together");
-            return None;
+            return false;
         }
-        let f = self.cache.open_entry(&key)?;
-        verified.insert(node);
-        Some(f)
+        // Put together from checked chunks: this file is the one checked.
+        match self.cache.open_entry(&key) {
+            Some(f) => match Self::file_id(&f) {
+                Some(id) => {
+                    self.verified
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(node, id);
+                    true
+                }
+                None => false,
+            },
+            None => false,
+        }
     }
 
     fn recent_get(&self, d: &[u8; 32]) -> Option<Arc<Vec<u8>>> {

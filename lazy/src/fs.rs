@@ -56,6 +56,14 @@ enum Mode {
     Passthrough(usize, Arc<BackingId>),
 }
 
+/// Files waiting for the background worker.
+#[derive(Default)]
+struct WholeQueue {
+    files: std::collections::VecDeque<usize>,
+    queued: std::collections::HashSet<usize>,
+    running: bool,
+}
+
 #[derive(Default)]
 struct Opens {
     next_fh: u64,
@@ -73,6 +81,7 @@ pub struct LayerFs {
     want_passthrough: bool,
     stats: Arc<OpenStats>,
     opens: Mutex<Opens>,
+    whole_queue: Arc<Mutex<WholeQueue>>,
 }
 
 fn idx(ino: INodeNo) -> Option<usize> {
@@ -93,6 +102,7 @@ impl LayerFs {
             want_passthrough: passthrough,
             stats: Arc::new(OpenStats::default()),
             opens: Mutex::new(Opens::default()),
+            whole_queue: Arc::default(),
         }
     }
 
@@ -105,27 +115,56 @@ impl LayerFs {
         self.opens.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// After the last handle of file `i` read through the daemon goes: if
-    /// its chunks are now all cached and there are several, puts the whole
-    /// file together in the background, so that its next open can pass
-    /// through without waiting for that.
+    /// Queues file `i` for the layer's background worker, which checks or
+    /// puts the whole file together (if its chunks are all cached) so that
+    /// a later open can pass through at once. One worker per layer, one
+    /// file at a time; it stops when the layer goes.
     fn prepare_whole(&self, i: usize) {
         if !self.stats.passthrough.load(Ordering::Relaxed)
-            || self.layer.toc().nodes[i].chunks.len() < 2
             || self.layer.is_cancelled()
-            || self.layer.whole_ready(i)
             || !self.layer.fully_cached(i)
         {
             return;
         }
-        let layer = self.layer.clone();
+        let mut q = self.whole_queue.lock().unwrap_or_else(|p| p.into_inner());
+        if !q.queued.insert(i) {
+            return;
+        }
+        q.files.push_back(i);
+        if q.running {
+            return;
+        }
+        q.running = true;
+        drop(q);
+        let (layer, queue) = (self.layer.clone(), self.whole_queue.clone());
         let spawned = std::thread::Builder::new()
             .name("strata-lazy-whole".into())
-            .spawn(move || {
-                layer.whole_file(i);
+            .spawn(move || loop {
+                let next = {
+                    let mut q = queue.lock().unwrap_or_else(|p| p.into_inner());
+                    match q.files.pop_front().filter(|_| !layer.is_cancelled()) {
+                        Some(i) => i,
+                        None => {
+                            q.files.clear();
+                            q.queued.clear();
+                            q.running = false;
+                            return;
+                        }
+                    }
+                };
+                layer.prepare_whole(next);
+                queue
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .queued
+                    .remove(&next);
             });
         if let Err(e) = spawned {
-            tracing::debug!(error = %e, "not putting a file together now");
+            tracing::debug!(error = %e, "no worker to put files together now");
+            let mut q = self.whole_queue.lock().unwrap_or_else(|p| p.into_inner());
+            q.files.clear();
+            q.queued.clear();
+            q.running = false;
         }
     }
 
@@ -137,9 +176,14 @@ impl LayerFs {
             let o = self.opens();
             !o.modes.contains_key(&i)
         };
-        // Checked or put together outside the lock: it may take a while.
+        // Outside the lock (a small file is checked now); never anything
+        // slow: a file not ready goes to the background worker.
         let whole = if fresh && self.stats.passthrough.load(Ordering::Relaxed) {
-            self.layer.whole_file(i)
+            let w = self.layer.whole_file(i);
+            if w.is_none() {
+                self.prepare_whole(i);
+            }
+            w
         } else {
             None
         };
@@ -164,9 +208,20 @@ impl LayerFs {
         let backing = whole.and_then(|f| match reply.open_backing(&f) {
             Ok(id) => Some(Arc::new(id)),
             Err(e) => {
-                // For instance a cache on a stacked filesystem.
-                tracing::warn!(error = %e, "FUSE passthrough refused: reads go through strata");
-                self.stats.passthrough.store(false, Ordering::Relaxed);
+                // The kernel refuses this mount's backing files (a cache on
+                // a stacked filesystem, no privilege): no passthrough on it
+                // any more. Anything else (EMFILE, ENOMEM): not this time.
+                use rustix::io::Errno as E;
+                let refused = matches!(
+                    E::from_io_error(&e),
+                    Some(E::PERM | E::OPNOTSUPP | E::LOOP | E::INVAL)
+                );
+                if refused {
+                    tracing::warn!(error = %e, "FUSE passthrough refused: reads go through strata");
+                    self.stats.passthrough.store(false, Ordering::Relaxed);
+                } else {
+                    tracing::debug!(error = %e, "no passthrough for this open");
+                }
                 None
             }
         });
@@ -360,24 +415,29 @@ impl Filesystem for LayerFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        let mut o = self.opens();
-        if let Some(i) = o.handles.remove(&fh.into()) {
-            self.stats.open_handles.fetch_sub(1, Ordering::Relaxed);
-            let last = match o.modes.get_mut(&i) {
-                Some(Mode::Daemon(n) | Mode::Passthrough(n, _)) => {
-                    *n = n.saturating_sub(1);
-                    *n == 0
-                }
-                None => false,
-            };
-            if last {
+        let mut prepare = None;
+        {
+            let mut o = self.opens();
+            if let Some(i) = o.handles.remove(&fh.into()) {
+                self.stats.open_handles.fetch_sub(1, Ordering::Relaxed);
+                let last = match o.modes.get_mut(&i) {
+                    Some(Mode::Daemon(n) | Mode::Passthrough(n, _)) => {
+                        *n = n.saturating_sub(1);
+                        *n == 0
+                    }
+                    None => false,
+                };
                 // A passthrough inode's backing file is closed with it.
-                if let Some(Mode::Daemon(_)) = o.modes.remove(&i) {
-                    self.prepare_whole(i);
+                if last && matches!(o.modes.remove(&i), Some(Mode::Daemon(_))) {
+                    prepare = Some(i);
                 }
             }
         }
         reply.ok();
+        // Read through strata and now all cached: ready it for passthrough.
+        if let Some(i) = prepare {
+            self.prepare_whole(i);
+        }
     }
 
     fn read(
@@ -624,9 +684,13 @@ mod tests {
             Arc::new(ChunkCache::open(&dir.join("cache"), 64 << 20)?),
             "repo",
         ));
-        let fs = LayerFs::new(layer, false, true);
+        let fs = LayerFs::new(layer.clone(), false, true);
         let stats = fs.stats();
         let mounted = mount(fs, &mnt, "strata-test")?;
+        let multi_node = layer
+            .toc()
+            .lookup("multi")
+            .ok_or_else(|| std::io::Error::other("multi"))?;
         let (p_one, p_multi) = (mnt.join("one"), mnt.join("multi"));
 
         // Nothing cached: read through the daemon, fetched.
@@ -651,7 +715,12 @@ mod tests {
             eprintln!("this kernel has no FUSE passthrough: only reads through strata were tested");
         } else {
             // Every chunk cached, nothing open: passthrough, for the file of
-            // one chunk (its chunk's cache file) and the one put together.
+            // one chunk (its chunk's cache file, checked at open) and the one
+            // the background worker put together after the last release.
+            let until = std::time::Instant::now() + Duration::from_secs(10);
+            while layer.whole_file(multi_node).is_none() && std::time::Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(10));
+            }
             let mut a = std::fs::File::open(&p_multi)?;
             assert_eq!(std::fs::read(&p_one)?, one);
             // A second open of an inode in passthrough shares its backing.
@@ -667,6 +736,29 @@ mod tests {
                 reader.reads.load(Ordering::SeqCst),
                 fetches,
                 "nothing fetched again"
+            );
+
+            // A cache file replaced by damaged bytes (another inode than the
+            // one checked) is checked again at open and dropped; the file is
+            // read right through strata (from its checked copy in memory).
+            let c = &layer.toc().nodes[layer
+                .toc()
+                .lookup("one")
+                .ok_or_else(|| std::io::Error::other("one"))?]
+            .chunks[0];
+            let path = dir
+                .join("cache")
+                .join(crate::estargz::hex(&ChunkCache::key("repo", &c.digest)));
+            let mut bad = std::fs::read(&path)?;
+            bad[1000] ^= 0xff;
+            std::fs::write(dir.join("cache/.tmp-bad"), &bad)?;
+            std::fs::rename(dir.join("cache/.tmp-bad"), &path)?;
+            assert_eq!(std::fs::read(&p_one)?, one);
+            wait_released(&stats);
+            assert_eq!(stats.passthrough_opens.load(Ordering::SeqCst), 3);
+            assert!(
+                std::fs::read(&path).map(|b| b != bad).unwrap_or(true),
+                "the damaged cache file is dropped"
             );
         }
         mounted.unmount()?;

@@ -8,10 +8,12 @@ use tonic::{Code, Status};
 /// say the request was wrong (NotFound, AlreadyExists, InvalidArgument,
 /// FailedPrecondition, …) are the caller's business and are not logged;
 /// Internal, DataLoss and Unknown mean strata failed and are logged as
-/// errors.
+/// errors; ResourceExhausted (a full disk) is logged as a warning, for the
+/// operator.
 pub fn status(code: Code, msg: String) -> Status {
     match code {
         Code::DataLoss => tracing::error!(error = %msg, "stored data is damaged"),
+        Code::ResourceExhausted => tracing::warn!(error = %msg, "request refused"),
         Code::Internal | Code::Unknown => tracing::error!(error = %msg, "request failed"),
         _ => {}
     }

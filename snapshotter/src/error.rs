@@ -56,6 +56,12 @@ impl Error {
 impl Error {
     /// The gRPC code containerd maps back to this error's `errdefs` class.
     pub fn code(&self) -> tonic::Code {
+        if self.disk_full() {
+            // gRPC's own example of ResourceExhausted: "perhaps the entire
+            // file system is out of space". Not Internal: strata is fine,
+            // and a write goes through again once space is freed.
+            return tonic::Code::ResourceExhausted;
+        }
         match self {
             Error::NotFound(_) => tonic::Code::NotFound,
             Error::AlreadyExists(_) => tonic::Code::AlreadyExists,
@@ -68,9 +74,26 @@ impl Error {
     }
 }
 
+impl Error {
+    /// Whether the filesystem under strata's root (or the database on it)
+    /// is full.
+    pub fn disk_full(&self) -> bool {
+        match self {
+            Error::Io { source, .. } => strata_kv::io_disk_full(source),
+            Error::Db(e) => strata_kv::db_disk_full(e),
+            _ => false,
+        }
+    }
+}
+
 impl From<Error> for tonic::Status {
     fn from(e: Error) -> Self {
-        strata_proto::errdefs::status(e.code(), e.to_string())
+        let msg = if e.disk_full() {
+            format!("disk full under strata's root: {e}")
+        } else {
+            e.to_string()
+        };
+        strata_proto::errdefs::status(e.code(), msg)
     }
 }
 
@@ -83,5 +106,21 @@ impl From<strata_proto::limits::LimitError> for Error {
 impl From<tokio::task::JoinError> for Error {
     fn from(e: tokio::task::JoinError) -> Self {
         Error::Internal(format!("blocking task failed: {e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_disk_is_resource_exhausted_and_says_so() {
+        let e = Error::io("write x", std::io::Error::from_raw_os_error(28));
+        assert_eq!(e.code(), tonic::Code::ResourceExhausted);
+        let s = tonic::Status::from(e);
+        assert!(s.message().starts_with("disk full"), "{}", s.message());
+        assert!(s.message().contains("No space left on device"));
+        let other = Error::io("write x", std::io::Error::from_raw_os_error(5));
+        assert_eq!(other.code(), tonic::Code::Internal);
     }
 }

@@ -465,9 +465,9 @@ impl Inner {
 
     /// Writes the new entries of `<id>` and of the root to disk, so that
     /// they reach it before the batch that names them. On ext4 the first
-    /// fsync commits the journal holding both, so the second is cheap. (The
-    /// order is placed by reading; the tests kill the daemon, they do not
-    /// cut power.)
+    /// fsync commits the journal holding both, so the second is cheap.
+    /// (`tests/crash.rs` cuts power under it; its syncs, and any later
+    /// one, may also hide a missing one.)
     fn sync_entries(&self, id: u64) -> Result<()> {
         fsync_dir(&self.dir(id))?;
         fsync_dir(&self.root)

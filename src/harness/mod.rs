@@ -273,6 +273,29 @@ impl Strata {
         let pid = self.proc.pid().context("strata is not running")?;
         Ok(i32::try_from(pid)?)
     }
+
+    /// As [`Strata::start`], but with its state in `root` (another
+    /// filesystem, say), while the socket and the log stay in `dir`.
+    pub fn start_at(bin: &Path, dir: &Path, root: &Path, extra: &[&str]) -> Result<Strata> {
+        let socket = dir.join("strata.sock");
+        let mut cmd = Command::new(bin);
+        cmd.arg("serve")
+            .arg("--root")
+            .arg(root)
+            .arg("--address")
+            .arg(&socket)
+            .args(extra);
+        let mut proc = Proc::spawn("strata serve", cmd, dir.join("strata.log"))?;
+        let s = socket.clone();
+        wait_for(&mut proc, "strata serve", Duration::from_secs(60), || {
+            std::os::unix::net::UnixStream::connect(&s).is_ok()
+        })?;
+        Ok(Strata {
+            proc,
+            socket,
+            root: root.to_path_buf(),
+        })
+    }
 }
 
 /// Starts containerd's overlayfs snapshotter and local content store as a
