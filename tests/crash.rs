@@ -92,6 +92,10 @@ struct Model {
     /// Set just before the kill: from then on a failed RPC may be the
     /// kill's doing; before, it is a failure of strata's.
     dying: bool,
+    /// Per parent, how many times one of its children came or went in
+    /// the model (replies are taken in another order than strata ran
+    /// them: a refusal may be answered for a child that is gone since).
+    child_events: HashMap<String, u64>,
 }
 
 impl Model {
@@ -100,6 +104,24 @@ impl Model {
             .values()
             .filter(|s| matches!(s, Snap::Active(p) | Snap::Committed(p) if p == name))
             .count()
+    }
+
+    /// Whether an RPC in flight may give `name` a child.
+    fn preparing(&self, name: &str) -> bool {
+        self.pending
+            .values()
+            .flatten()
+            .flat_map(|a| a.values())
+            .any(|s| matches!(s, St::Snap(Some(Snap::Active(p))) if p == name))
+    }
+
+    /// Whether `name` has, or may soon have, a child.
+    fn may_have_children(&self, name: &str) -> bool {
+        self.children(name) > 0 || self.preparing(name)
+    }
+
+    fn child_event(&mut self, parent: &str) {
+        *self.child_events.entry(parent.to_string()).or_default() += 1;
     }
 
     /// Children of `name` that no RPC in flight may have removed already
@@ -168,7 +190,9 @@ async fn snapshot_churn(socket: PathBuf, t: usize, model: Shared, seed: u64) -> 
         enum Op {
             Prepare(String, String),
             Commit(String, String, String),
-            Remove(String, Option<Snap>),
+            /// Key, its state, and whether it may have had children when
+            /// sent and the parent's child events then.
+            Remove(String, Option<Snap>, bool, u64),
         }
         let (op, id) = {
             let mut m = lock(&model);
@@ -189,7 +213,9 @@ async fn snapshot_churn(socket: PathBuf, t: usize, model: Shared, seed: u64) -> 
             let roll = rng.below(10);
             let op = if own.len() > 24 || (roll < 3 && !own.is_empty()) {
                 let (k, s) = rng.pick(&own).cloned().context("own snapshots")?;
-                Op::Remove(k, Some(s))
+                let may = m.may_have_children(&k);
+                let events = m.child_events.get(&k).copied().unwrap_or(0);
+                Op::Remove(k, Some(s), may, events)
             } else if roll < 6 {
                 let actives: Vec<&(String, Snap)> = own
                     .iter()
@@ -224,7 +250,7 @@ async fn snapshot_churn(socket: PathBuf, t: usize, model: Shared, seed: u64) -> 
                         (name.clone(), snap_state(Some(Snap::Committed(p.clone())))),
                     ]),
                 ],
-                Op::Remove(k, s) => vec![
+                Op::Remove(k, s, _, _) => vec![
                     BTreeMap::from([(k.clone(), snap_state(s.clone()))]),
                     BTreeMap::from([(k.clone(), snap_state(None))]),
                 ],
@@ -268,7 +294,7 @@ async fn snapshot_churn(socket: PathBuf, t: usize, model: Shared, seed: u64) -> 
                     Err(e) => Err(e),
                 }
             }
-            Op::Remove(k, _) => c
+            Op::Remove(k, ..) => c
                 .remove(pb::RemoveSnapshotRequest {
                     snapshotter: SNAP.into(),
                     key: k.clone(),
@@ -283,35 +309,36 @@ async fn snapshot_churn(socket: PathBuf, t: usize, model: Shared, seed: u64) -> 
                 m.acked += 1;
                 match op {
                     Op::Prepare(k, p) => {
+                        m.child_event(&p);
                         m.snaps.insert(k, Snap::Active(p));
                     }
                     Op::Commit(k, name, p) => {
+                        m.child_event(&p);
                         m.snaps.remove(&k);
                         m.snaps.insert(name, Snap::Committed(p));
                     }
-                    Op::Remove(k, _) => {
+                    Op::Remove(k, ..) => {
                         ensure!(
                             m.sure_children(&k) == 0,
                             "Remove of {k} succeeded while it has children"
                         );
-                        m.snaps.remove(&k);
+                        if let Some(Snap::Active(p) | Snap::Committed(p)) = m.snaps.remove(&k) {
+                            m.child_event(&p);
+                        }
                         m.dirs.remove(&k);
                     }
                 }
             }
             Err(e) if definite(e.code()) => {
                 m.pending.remove(&id);
-                if let Op::Remove(k, _) = &op {
-                    // A child acknowledged, or being prepared by the other
-                    // client.
-                    let preparing = m
-                        .pending
-                        .values()
-                        .flatten()
-                        .flat_map(|a| a.values())
-                        .any(|s| matches!(s, St::Snap(Some(Snap::Active(p))) if p == k));
+                if let Op::Remove(k, _, may_then, events_then) = &op {
+                    // A child when it was sent, now, or one that came or
+                    // went in between (strata may have run the refusal
+                    // before a child's removal whose reply came first).
+                    let changed = m.child_events.get(k).copied().unwrap_or(0) != *events_then;
                     ensure!(
-                        e.code() == Code::FailedPrecondition && (m.children(k) > 0 || preparing),
+                        e.code() == Code::FailedPrecondition
+                            && (*may_then || m.may_have_children(k) || changed),
                         "Remove of {k}: {e:?}"
                     );
                     m.refused_parent_removals += 1;
