@@ -38,6 +38,50 @@ pub async fn content(socket: &Path) -> anyhow::Result<ContentClient<Channel>> {
     Ok(ContentClient::new(connect(socket).await?))
 }
 
+/// The Write messages of `data` under `reference`, `piece` bytes each (one
+/// empty message for empty data), the last one committing with `digest`,
+/// which the first and the last carry, as containerd's content client
+/// sends them.
+pub fn write_requests(
+    reference: &str,
+    data: &[u8],
+    digest: &str,
+    piece: usize,
+) -> Vec<cpb::WriteContentRequest> {
+    let pieces: Vec<&[u8]> = if data.is_empty() {
+        vec![&[]]
+    } else {
+        data.chunks(piece.max(1)).collect()
+    };
+    let last = pieces.len() - 1;
+    let mut off = 0i64;
+    pieces
+        .into_iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let m = cpb::WriteContentRequest {
+                action: if i == last {
+                    cpb::WriteAction::Commit
+                } else {
+                    cpb::WriteAction::Write
+                } as i32,
+                r#ref: reference.into(),
+                total: data.len() as i64,
+                expected: if i == 0 || i == last {
+                    digest.to_string()
+                } else {
+                    String::new()
+                },
+                offset: off,
+                data: p.to_vec(),
+                labels: Default::default(),
+            };
+            off += p.len() as i64;
+            m
+        })
+        .collect()
+}
+
 /// Writes `data` under `reference` in 1 MiB messages and commits it with its
 /// digest, as containerd's content client does; returns the digest.
 pub async fn put_blob(
@@ -46,34 +90,7 @@ pub async fn put_blob(
     data: &[u8],
 ) -> anyhow::Result<String> {
     let digest = format!("sha256:{:x}", sha2::Sha256::digest(data));
-    let pieces: Vec<&[u8]> = if data.is_empty() {
-        vec![&[]]
-    } else {
-        data.chunks(1 << 20).collect()
-    };
-    let last = pieces.len() - 1;
-    let mut msgs = Vec::with_capacity(pieces.len());
-    let mut off = 0i64;
-    for (i, p) in pieces.into_iter().enumerate() {
-        msgs.push(cpb::WriteContentRequest {
-            action: if i == last {
-                cpb::WriteAction::Commit
-            } else {
-                cpb::WriteAction::Write
-            } as i32,
-            r#ref: reference.into(),
-            total: data.len() as i64,
-            expected: if i == 0 || i == last {
-                digest.clone()
-            } else {
-                String::new()
-            },
-            offset: off,
-            data: p.to_vec(),
-            labels: Default::default(),
-        });
-        off += p.len() as i64;
-    }
+    let msgs = write_requests(reference, data, &digest, 1 << 20);
     let mut responses = c.write(tokio_stream::iter(msgs)).await?.into_inner();
     let mut committed = None;
     while let Some(r) = responses.message().await? {

@@ -31,6 +31,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
+use common::{env_or, summary, Rng};
 use sha2::Digest as _;
 use strata::harness::Strata;
 use strata_proto::content as cpb;
@@ -38,26 +39,6 @@ use strata_proto::snapshots as pb;
 use tonic::Code;
 
 const SNAP: &str = "strata";
-
-/// xorshift64*: a seeded, reproducible sequence.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-
-    fn pick<'a, T>(&mut self, v: &'a [T]) -> Option<&'a T> {
-        (!v.is_empty()).then(|| &v[self.below(v.len())])
-    }
-}
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Snap {
@@ -185,7 +166,7 @@ async fn snapshot_churn(socket: PathBuf, t: usize, model: Shared, seed: u64) -> 
     let Ok(mut c) = strata::client::snapshots(&socket).await else {
         return Ok(());
     };
-    let mut rng = Rng(seed | 1);
+    let mut rng = Rng::new(seed);
     loop {
         enum Op {
             Prepare(String, String),
@@ -359,7 +340,7 @@ async fn content_churn(socket: PathBuf, model: Shared, seed: u64) -> Result<()> 
     let Ok(mut c) = strata::client::content(&socket).await else {
         return Ok(());
     };
-    let mut rng = Rng(seed | 1);
+    let mut rng = Rng::new(seed);
     let pieces: Vec<Vec<u8>> = (0..8)
         .map(|i| strata::harness::image::noise(1000 + i, 64 << 10))
         .collect();
@@ -467,25 +448,6 @@ async fn blob_state(
     }
 }
 
-async fn read_all(
-    c: &mut cpb::content_client::ContentClient<tonic::transport::Channel>,
-    d: &str,
-) -> Result<Vec<u8>> {
-    let mut s = c
-        .read(cpb::ReadContentRequest {
-            digest: d.into(),
-            offset: 0,
-            size: 0,
-        })
-        .await?
-        .into_inner();
-    let mut out = Vec::new();
-    while let Some(r) = s.message().await? {
-        out.extend_from_slice(&r.data);
-    }
-    Ok(out)
-}
-
 #[derive(Default)]
 struct Counts {
     uncertain: u64,
@@ -558,7 +520,7 @@ async fn check(socket: &Path, model: &Shared, counts: &mut Counts) -> Result<()>
         if uncertain_names.contains(&d) {
             continue;
         }
-        let got = read_all(&mut cc, &d)
+        let got = common::read_blob(&mut cc, &d)
             .await
             .with_context(|| format!("acknowledged blob {d}"))?;
         ensure!(
@@ -677,14 +639,6 @@ fn snapshot_dirs(root: &Path) -> Result<usize> {
     Ok(n)
 }
 
-fn kill(strata: &Strata) -> Result<()> {
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(strata.proc_pid()?),
-        nix::sys::signal::Signal::SIGKILL,
-    )?;
-    Ok(())
-}
-
 /// Which clients churn in a round.
 #[derive(Clone, Copy)]
 enum Churn {
@@ -726,7 +680,7 @@ async fn churn_then_kill(
     }
     tokio::time::sleep(Duration::from_millis(5 + rng.below(150) as u64)).await;
     lock(model).dying = true;
-    kill(strata)?;
+    strata.sigkill()?;
     for t in tasks {
         t.await.context("a client panicked")??;
     }
@@ -760,13 +714,6 @@ fn fsck(bin: &Path, root: &Path, config: &str) -> Result<()> {
     Ok(())
 }
 
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 fn seed() -> u64 {
     env_or(
         "STRATA_CRASH_SEED",
@@ -775,18 +722,6 @@ fn seed() -> u64 {
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(1),
     )
-}
-
-fn summary(line: &str) -> Result<()> {
-    if let Some(f) = std::env::var_os("STRATA_SUMMARY") {
-        use std::io::Write as _;
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(f)?;
-        writeln!(f, "{line}")?;
-    }
-    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -803,7 +738,7 @@ async fn sigkill_at_random_points_loses_nothing() -> Result<()> {
     let args = ["--log-level", "warn", "--config", config.as_str()];
     let bin = common::strata_bin();
     let model: Shared = Arc::default();
-    let mut rng = Rng(seed | 1);
+    let mut rng = Rng::new(seed);
     let mut counts = Counts::default();
     let mut strata = Strata::start(&bin, dir, &args)?;
     for k in 0..kills {
@@ -1010,7 +945,7 @@ async fn power_cuts_lose_nothing_acknowledged() -> Result<()> {
     let mnt = dir.join("disk");
     let mut disk = Disk::create(&dir.join("disk.img"), &mnt, 384)?;
     let model: Shared = Arc::default();
-    let mut rng = Rng(seed | 1);
+    let mut rng = Rng::new(seed);
     let mut counts = Counts::default();
     let mut strata = Strata::start(&bin, &mnt, &args)?;
     for k in 0..cuts {

@@ -101,8 +101,7 @@ async fn errors_durability_and_crash_cleanup() -> Result<()> {
     }
 
     // SIGKILL: what returned OK is there after a restart.
-    let pid = nix::unistd::Pid::from_raw(strata.proc_pid()?);
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL)?;
+    strata.sigkill()?;
     drop(strata);
 
     // What a crash between "directory made" and "batch written" leaves, and
@@ -221,10 +220,7 @@ async fn content_ingest_resumes_after_sigkill() -> Result<()> {
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
     ensure!(offset == 2 << 20, "status offset {offset} before the crash");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(strata.proc_pid()?),
-        nix::sys::signal::Signal::SIGKILL,
-    )?;
+    strata.sigkill()?;
     drop(strata);
 
     let strata = Strata::start(&common::strata_bin(), dir, &[])?;
@@ -249,18 +245,7 @@ async fn content_ingest_resumes_after_sigkill() -> Result<()> {
         committed == digest,
         "committed {committed}, wanted {digest}"
     );
-    let mut r = c
-        .read(cpb::ReadContentRequest {
-            digest: digest.clone(),
-            offset: 0,
-            size: 0,
-        })
-        .await?
-        .into_inner();
-    let mut back = Vec::new();
-    while let Some(m) = r.message().await? {
-        back.extend_from_slice(&m.data);
-    }
+    let back = common::read_blob(&mut c, &digest).await?;
     ensure!(
         back == data,
         "read back {} bytes, not the {} written",

@@ -173,12 +173,7 @@ fn estargz_images_run_from_lazy_mounts() -> Result<()> {
     // start detaches them and mounts the layers again from their kept
     // TOCs: the image runs with no pull.
     cd.stop()?;
-    if let Some(pid) = strata.proc().pid() {
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        )?;
-    }
+    strata.sigkill()?;
     strata.stop()?;
     let mut strata = Strata::start(&common::strata_bin(), dir, &args)?;
     let log = strata.proc().log_tail();

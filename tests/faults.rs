@@ -133,25 +133,9 @@ fn is_enospc(e: &std::io::Error) -> bool {
     e.kind() == std::io::ErrorKind::StorageFull || e.raw_os_error() == Some(28)
 }
 
-async fn read_blob(c: &mut Blobs, digest: &str) -> Result<Vec<u8>> {
-    let mut r = c
-        .read(cpb::ReadContentRequest {
-            digest: digest.into(),
-            offset: 0,
-            size: 0,
-        })
-        .await?
-        .into_inner();
-    let mut back = Vec::new();
-    while let Some(m) = r.message().await? {
-        back.extend_from_slice(&m.data);
-    }
-    Ok(back)
-}
-
 async fn blobs_intact(c: &mut Blobs, blobs: &BTreeMap<String, Vec<u8>>) -> Result<()> {
     for (digest, data) in blobs {
-        let back = read_blob(c, digest)
+        let back = common::read_blob(c, digest)
             .await
             .with_context(|| format!("reading {digest}"))?;
         ensure!(
@@ -778,14 +762,7 @@ async fn a_full_disk_gives_clear_errors_and_recovers() -> Result<()> {
         "fsck: {out}"
     );
 
-    if let Some(path) = std::env::var_os("STRATA_SUMMARY") {
-        use std::io::Write;
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)?;
-        writeln!(f, "enospc={}", refusals.len())?;
-    }
+    common::summary(&format!("enospc={}", refusals.len()))?;
     eprintln!(
         "full disk: {} writes refused ({part1} with room left in the WAL), recovered; {:.1?}",
         refusals.len(),
@@ -867,10 +844,7 @@ async fn containerd_and_strata_restart_under_each_other() -> Result<()> {
     // after strata is back can still fail Unavailable: retried here.
     for (round, kill) in [(1, false), (2, true)] {
         if kill {
-            nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(strata.proc_pid()?),
-                nix::sys::signal::Signal::SIGKILL,
-            )?;
+            strata.sigkill()?;
             drop(strata);
         } else {
             stop_clean(strata)?;

@@ -47,6 +47,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
+use common::{env_or, Rng};
 use sha2::Digest as _;
 use strata::harness::Strata;
 use strata_proto::content as cpb;
@@ -72,33 +73,6 @@ const RACE_EVERY: usize = 8;
 const RPC_TIMEOUT: Duration = Duration::from_secs(30);
 /// The whole concurrent part.
 const RUN_TIMEOUT: Duration = Duration::from_secs(300);
-
-/// xorshift64*: a seeded, reproducible sequence.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-}
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// Operations checked, by kind.
 #[derive(Default)]
@@ -597,34 +571,7 @@ struct ContentCtx {
 /// last one committing (the expected digest on the first and the last, as
 /// containerd's client sends it).
 fn write_msgs(reference: &str, blob: &Blob, piece: usize) -> Vec<cpb::WriteContentRequest> {
-    let parts: Vec<&[u8]> = blob.data.chunks(piece).collect();
-    let last = parts.len() - 1;
-    let mut off = 0i64;
-    parts
-        .into_iter()
-        .enumerate()
-        .map(|(i, p)| {
-            let m = cpb::WriteContentRequest {
-                action: if i == last {
-                    cpb::WriteAction::Commit
-                } else {
-                    cpb::WriteAction::Write
-                } as i32,
-                r#ref: reference.into(),
-                total: blob.data.len() as i64,
-                expected: if i == 0 || i == last {
-                    blob.digest.clone()
-                } else {
-                    String::new()
-                },
-                offset: off,
-                data: p.to_vec(),
-                labels: Default::default(),
-            };
-            off += p.len() as i64;
-            m
-        })
-        .collect()
+    strata::client::write_requests(reference, &blob.data, &blob.digest, piece)
 }
 
 /// Reads the Write answers to the end: Ok if the commit was answered with
@@ -1423,13 +1370,6 @@ async fn concurrent_clients_while_compaction_runs() -> Result<()> {
     );
     println!("{line}");
     print!("{fsck}");
-    if let Some(f) = std::env::var_os("STRATA_SUMMARY") {
-        use std::io::Write as _;
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(f)?;
-        writeln!(f, "concurrent={total}")?;
-    }
+    common::summary(&format!("concurrent={total}"))?;
     Ok(())
 }

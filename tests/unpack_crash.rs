@@ -187,16 +187,12 @@ async fn a_killed_unpack_leaves_only_complete_layers() -> Result<()> {
     strata.stop()?;
 
     // STRATA_UNPACK_KILLS rounds (default 12), each on a fresh root.
-    let rounds: u64 = std::env::var("STRATA_UNPACK_KILLS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(12);
+    let rounds: u64 = common::env_or("STRATA_UNPACK_KILLS", 12);
     let mut survived = 0;
     for round in 0..rounds {
         let rdir = dir.join(format!("round{round}"));
         std::fs::create_dir_all(&rdir)?;
         let strata = Strata::start(&common::strata_bin(), &rdir, &[])?;
-        let pid = strata.proc_pid()?;
         let socket = strata.socket.clone();
         let puller = tokio::spawn({
             let img = Image {
@@ -213,10 +209,7 @@ async fn a_killed_unpack_leaves_only_complete_layers() -> Result<()> {
         // Seeded kill points spread over the pull (0.005 to 0.78 s).
         let delay = 5 + (round * 7919 % 97) * 8;
         tokio::time::sleep(Duration::from_millis(delay)).await;
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGKILL,
-        )?;
+        strata.sigkill()?;
         let _ = puller.await;
         drop(strata);
 
@@ -276,13 +269,6 @@ async fn a_killed_unpack_leaves_only_complete_layers() -> Result<()> {
         strata.stop()?;
     }
     ensure!(survived == rounds);
-    if let Some(f) = std::env::var_os("STRATA_SUMMARY") {
-        use std::io::Write as _;
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(f)?;
-        writeln!(f, "kills={rounds}")?;
-    }
+    common::summary(&format!("kills={rounds}"))?;
     Ok(())
 }

@@ -59,13 +59,7 @@ impl Error {
 impl Error {
     /// The gRPC code containerd maps back to this error's `errdefs` class.
     pub fn code(&self) -> tonic::Code {
-        if self.disk_full() {
-            // gRPC's own example of ResourceExhausted: "perhaps the entire
-            // file system is out of space". Not Internal: strata is fine,
-            // and a write goes through again once space is freed.
-            return tonic::Code::ResourceExhausted;
-        }
-        match self {
+        let code = match self {
             Error::NotFound(_) => tonic::Code::NotFound,
             Error::AlreadyExists(_) => tonic::Code::AlreadyExists,
             Error::FailedPrecondition(_) => tonic::Code::FailedPrecondition,
@@ -76,7 +70,8 @@ impl Error {
             Error::Db(_) | Error::Corrupt(_) | Error::Io { .. } | Error::Internal(_) => {
                 tonic::Code::Internal
             }
-        }
+        };
+        strata_proto::errdefs::store_code(code, self.disk_full())
     }
 }
 
@@ -94,12 +89,7 @@ impl Error {
 
 impl From<Error> for tonic::Status {
     fn from(e: Error) -> Self {
-        let msg = if e.disk_full() {
-            format!("disk full under strata's root: {e}")
-        } else {
-            e.to_string()
-        };
-        strata_proto::errdefs::status(e.code(), msg)
+        strata_proto::errdefs::store_status(e.code(), &e, e.disk_full())
     }
 }
 

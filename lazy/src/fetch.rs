@@ -490,10 +490,15 @@ impl Layer {
     /// The whole-file entry of `node`, open, if it is the very file that
     /// was checked in this run.
     fn checked_entry(&self, node: usize) -> Option<std::fs::File> {
+        // No open and stat of the cache for a file never checked (most
+        // opens of a layer not yet fetched).
+        let want = *self
+            .verified
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&node)?;
         let f = self.cache.open_entry(&self.whole_key(node))?;
-        let id = Self::file_id(&f)?;
-        let verified = self.verified.lock().unwrap_or_else(|p| p.into_inner());
-        (verified.get(&node) == Some(&id)).then_some(f)
+        (Self::file_id(&f)? == want).then_some(f)
     }
 
     /// Checks `f` (the entry under `key`) as file `node`: remembered as

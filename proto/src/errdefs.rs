@@ -20,6 +20,32 @@ pub fn status(code: Code, msg: String) -> Status {
     Status::new(code, msg)
 }
 
+/// The code of a store error: ResourceExhausted when the filesystem under
+/// strata's root (or the database on it) is full (gRPC's own example of
+/// it: "perhaps the entire file system is out of space"; not Internal:
+/// strata is fine, and a write goes through again once space is freed),
+/// else `code`.
+pub fn store_code(code: Code, disk_full: bool) -> Code {
+    if disk_full {
+        Code::ResourceExhausted
+    } else {
+        code
+    }
+}
+
+/// The status of a store error (see [`store_code`]); a full disk's message
+/// says so first.
+pub fn store_status(code: Code, msg: impl std::fmt::Display, disk_full: bool) -> Status {
+    if disk_full {
+        status(
+            store_code(code, true),
+            format!("disk full under strata's root: {msg}"),
+        )
+    } else {
+        status(code, msg.to_string())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

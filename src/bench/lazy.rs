@@ -167,16 +167,7 @@ fn once(
             cd.pull(snapshotter, image)?;
         }
         Config::StrataLazy => {
-            harness::run(Command::new(std::env::current_exe()?).args([
-                "pull",
-                "-a",
-                &cd.socket.display().to_string(),
-                "-n",
-                "strata",
-                "--snapshotter",
-                "strata-lazy",
-                image,
-            ]))?;
+            cd.strata_pull(&std::env::current_exe()?, "strata-lazy", image)?;
         }
         Config::Stargzd => {
             cd.client(

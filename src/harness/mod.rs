@@ -228,23 +228,10 @@ pub struct Strata {
 }
 
 impl Strata {
-    /// Starts `bin serve --root ROOT --address SOCKET` plus `extra` arguments.
+    /// Starts `bin serve --root DIR/strata-root --address DIR/strata.sock`
+    /// plus `extra` arguments.
     pub fn start(bin: &Path, dir: &Path, extra: &[&str]) -> Result<Strata> {
-        let root = dir.join("strata-root");
-        let socket = dir.join("strata.sock");
-        let mut cmd = Command::new(bin);
-        cmd.arg("serve")
-            .arg("--root")
-            .arg(&root)
-            .arg("--address")
-            .arg(&socket)
-            .args(extra);
-        let mut proc = Proc::spawn("strata serve", cmd, dir.join("strata.log"))?;
-        let s = socket.clone();
-        wait_for(&mut proc, "strata serve", Duration::from_secs(60), || {
-            std::os::unix::net::UnixStream::connect(&s).is_ok()
-        })?;
-        Ok(Strata { proc, socket, root })
+        Strata::start_at(bin, dir, &dir.join("strata-root"), extra)
     }
 
     /// Stops it (SIGTERM); fails if it had to be killed.
@@ -272,6 +259,15 @@ impl Strata {
     pub fn proc_pid(&self) -> Result<i32> {
         let pid = self.proc.pid().context("strata is not running")?;
         Ok(i32::try_from(pid)?)
+    }
+
+    /// SIGKILLs it (a crash: nothing of its own runs).
+    pub fn sigkill(&self) -> Result<()> {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.proc_pid()?),
+            nix::sys::signal::Signal::SIGKILL,
+        )?;
+        Ok(())
     }
 
     /// As [`Strata::start`], but with its state in `root` (another
@@ -621,6 +617,26 @@ impl Containerd {
     pub fn snapshot_lines(&mut self, snapshotter: &str) -> Result<Vec<String>> {
         let out = self.ctr(&["snapshots", "--snapshotter", snapshotter, "ls"])?;
         Ok(out.lines().skip(1).map(str::to_string).collect())
+    }
+
+    /// `bin pull` (strata's client) of `reference` into this containerd's
+    /// `strata` namespace on `snapshotter`.
+    pub fn strata_pull(
+        &self,
+        bin: &Path,
+        snapshotter: &str,
+        reference: &str,
+    ) -> Result<std::process::Output> {
+        run(Command::new(bin).args([
+            "pull",
+            "-a",
+            &self.socket.display().to_string(),
+            "-n",
+            "strata",
+            "--snapshotter",
+            snapshotter,
+            reference,
+        ]))
     }
 
     /// `ctr image pull --plain-http --snapshotter SNAPSHOTTER REFERENCE`.

@@ -170,19 +170,80 @@ pub fn strata_pull(
     snapshotter: &str,
     reference: &str,
 ) -> anyhow::Result<String> {
-    let out = strata::harness::run(std::process::Command::new(strata_bin()).args([
-        "pull",
-        "-a",
-        &cd.socket.display().to_string(),
-        "-n",
-        "strata",
-        "--snapshotter",
-        snapshotter,
-        reference,
-    ]))?;
+    let out = cd.strata_pull(&strata_bin(), snapshotter, reference)?;
     Ok(format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     ))
+}
+
+/// xorshift64*: a seeded, reproducible sequence, for the randomized tests.
+pub struct Rng(u64);
+
+impl Rng {
+    /// A sequence from `seed` (any value, 0 included).
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+
+    /// The next number.
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// A number below `n` (0 for 0).
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+
+    /// One of `v`, if it has any.
+    pub fn pick<'a, T>(&mut self, v: &'a [T]) -> Option<&'a T> {
+        (!v.is_empty()).then(|| &v[self.below(v.len())])
+    }
+}
+
+/// The environment variable `name` parsed, or `default`.
+pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Appends `line` (`name=count`) to the file `STRATA_SUMMARY` names, if
+/// any: `scripts/test` sums them into its reliability line.
+pub fn summary(line: &str) -> anyhow::Result<()> {
+    if let Some(f) = std::env::var_os("STRATA_SUMMARY") {
+        use std::io::Write as _;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(f)?;
+        writeln!(f, "{line}")?;
+    }
+    Ok(())
+}
+
+/// Every byte of blob `digest`, read through the content API.
+pub async fn read_blob(
+    c: &mut strata_proto::content::content_client::ContentClient<tonic::transport::Channel>,
+    digest: &str,
+) -> anyhow::Result<Vec<u8>> {
+    let mut s = c
+        .read(strata_proto::content::ReadContentRequest {
+            digest: digest.into(),
+            offset: 0,
+            size: 0,
+        })
+        .await?
+        .into_inner();
+    let mut out = Vec::new();
+    while let Some(r) = s.message().await? {
+        out.extend_from_slice(&r.data);
+    }
+    Ok(out)
 }
