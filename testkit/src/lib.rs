@@ -107,8 +107,8 @@ impl Proxy {
                 tokio::spawn(async move {
                     let now = f.fetch_add(1, Ordering::SeqCst) + 1;
                     m.fetch_max(now, Ordering::SeqCst);
-                    let _ = serve_one(conn, upstream, h, s).await;
-                    f.fetch_sub(1, Ordering::SeqCst);
+                    let mut flight = Flight(Some(f));
+                    let _ = serve_one(conn, upstream, h, s, &mut flight).await;
                 });
             }
         });
@@ -174,11 +174,31 @@ fn write_head(first: &str, headers: &[(String, String)]) -> Vec<u8> {
 }
 
 /// One request per connection (`Connection: close` both ways).
+/// A request in flight: counted out once, when its last byte is sent (a
+/// client may start its next request before the connection is closed) or
+/// when its handling ends otherwise.
+struct Flight(Option<Arc<AtomicUsize>>);
+
+impl Flight {
+    fn end(&mut self) {
+        if let Some(f) = self.0.take() {
+            f.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+impl Drop for Flight {
+    fn drop(&mut self) {
+        self.end();
+    }
+}
+
 async fn serve_one(
     mut conn: TcpStream,
     upstream: Option<SocketAddr>,
     handler: Handler,
     seen: Arc<Mutex<Vec<Seen>>>,
+    flight: &mut Flight,
 ) -> std::io::Result<()> {
     let (head, mut req_body) = read_head(&mut conn).await?;
     let (first, headers) = parse_head(&head);
@@ -215,6 +235,7 @@ async fn serve_one(
             conn.write_all(&write_head(&format!("HTTP/1.1 {status} {reason}"), &h))
                 .await?;
             conn.write_all(&body).await?;
+            flight.end();
             conn.shutdown().await?;
             return Ok(());
         }
@@ -309,6 +330,7 @@ async fn serve_one(
         conn.write_all(data).await?;
         sent += data.len();
     }
+    flight.end();
     conn.shutdown().await?;
     Ok(())
 }
